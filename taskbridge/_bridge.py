@@ -1,0 +1,321 @@
+"""TaskBridge: the registry of tasks, their routing, the backends, and the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, ParamSpec, TypeVar, overload
+
+from fastapi import FastAPI
+
+from ._codec import normalize_arguments
+from ._exceptions import (
+    BackendUnavailable,
+    BridgeNotFoundError,
+    ConfigurationError,
+    UnknownTaskError,
+)
+from ._handle import TaskHandle, new_task_id
+from ._policy import OnUnavailable, ResolvedPolicy, check_policy_fields
+from ._settings import TaskBridgeSettings, env_name, load_settings
+from ._task import Task, TaskCall
+from .backends import Backend, load_backend_class
+
+__all__ = ["TaskBridge"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_STATE_KEY = "taskbridge"
+
+
+class TaskBridge:
+    """Registry of tasks and the backends that run them, configured by settings.
+
+    Attach it to an app with `FastAPI(lifespan=bridge.lifespan)` or `bridge.init_app(app)`;
+    settings are read and validated when the app starts (or on first use).
+    """
+
+    def __init__(self, settings: TaskBridgeSettings | Mapping[str, Any] | None = None) -> None:
+        self._settings_source = settings
+        self._settings: TaskBridgeSettings | None = None
+        self._routes: list[tuple[str, dict[str, Any]]] = []
+        self._tasks: dict[str, Task[..., Any]] = {}
+        self._backends: dict[str, Backend] = {}
+        self._resolved: dict[str, ResolvedPolicy] = {}
+        self._opened = False
+        self._open_lock: asyncio.Lock | None = None
+
+    # -- settings and routing -------------------------------------------------------------
+
+    @property
+    def settings(self) -> TaskBridgeSettings:
+        """The settings, loaded and validated on first access."""
+        if self._settings is None:
+            settings = load_settings(self._settings_source)
+            routes = []
+            for pattern, target in settings.routes.items():
+                fields = {"backend": target} if isinstance(target, str) else target
+                checked = check_policy_fields(fields, f"{env_name('routes')}[{pattern!r}]")
+                if "retry_on" in checked:
+                    raise ConfigurationError(
+                        f"{env_name('routes')}[{pattern!r}]: retry_on takes exception classes, "
+                        "which settings cannot name; set it in the decorator"
+                    )
+                routes.append((pattern, checked))
+            self._settings, self._routes = settings, routes
+        return self._settings
+
+    def route_for(self, task_name: str) -> tuple[str, dict[str, Any]] | None:
+        """The first settings route whose glob matches `task_name`, as (pattern, fields)."""
+        self.settings  # noqa: B018 - loads the routes
+        for pattern, fields in self._routes:
+            if fnmatch.fnmatchcase(task_name, pattern):
+                return pattern, fields
+        return None
+
+    def resolve(self, task: Task[..., Any]) -> ResolvedPolicy:
+        """The effective policy of `task`, with the origin of each field.
+
+        Precedence, highest first: settings route > `.using()` > decorator > default_backend.
+        """
+        cacheable = not task.using_policy
+        if cacheable and (hit := self._resolved.get(task.name)) is not None:
+            return hit
+        layers: list[tuple[str, Mapping[str, Any]]] = [
+            ("default", {"backend": self.settings.default_backend}),
+            ("decorator", task.decorator_policy),
+            ("using", task.using_policy),
+        ]
+        route = self.route_for(task.name)
+        if route is not None:
+            layers.append((f"route {route[0]!r}", route[1]))
+        resolved = ResolvedPolicy.from_layers(layers)
+        self.backend(resolved.policy.backend).validate_policy(task.name, resolved.policy)
+        if cacheable:
+            self._resolved[task.name] = resolved
+        return resolved
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    @overload
+    def task(self, func: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        backend: str | None = None,
+        queue: str | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        on_unavailable: OnUnavailable | None = None,
+        retry_backoff: float | None = None,
+        retry_backoff_max: float | None = None,
+        retry_jitter: bool | None = None,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        delay: float | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        func: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        backend: str | None = None,
+        queue: str | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        on_unavailable: OnUnavailable | None = None,
+        retry_backoff: float | None = None,
+        retry_backoff_max: float | None = None,
+        retry_jitter: bool | None = None,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        delay: float | None = None,
+    ) -> Any:
+        """Register a function as a task: `@bridge.task` or `@bridge.task(backend=..., ...)`.
+
+        Policy fields: backend, queue, retries, retry_backoff, retry_backoff_max, retry_jitter,
+        retry_on, timeout, delay, on_unavailable. The name defaults to `module.qualname`.
+        """
+
+        def register(f: Callable[..., Any]) -> Task[..., Any]:
+            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            given = {
+                "backend": backend,
+                "queue": queue,
+                "retries": retries,
+                "timeout": timeout,
+                "on_unavailable": on_unavailable,
+                "retry_backoff": retry_backoff,
+                "retry_backoff_max": retry_backoff_max,
+                "retry_jitter": retry_jitter,
+                "retry_on": retry_on,
+                "delay": delay,
+            }
+            fields = {k: v for k, v in given.items() if v is not None}
+            checked = check_policy_fields(fields, f"@task for {task_name!r}")
+            existing = self._tasks.get(task_name)
+            if existing is not None and existing.func is not f:
+                raise ConfigurationError(
+                    f"two functions are registered as task {task_name!r} "
+                    f"({existing.func.__module__} and {f.__module__}); give one a name="
+                )
+            registered = Task(self, f, task_name, checked)
+            self._tasks[task_name] = registered
+            self._resolved.pop(task_name, None)
+            return registered
+
+        return register if func is None else register(func)
+
+    @property
+    def tasks(self) -> Mapping[str, Task[..., Any]]:
+        """The registered tasks by name."""
+        return dict(self._tasks)
+
+    def get_task(self, name: str) -> Task[..., Any]:
+        """The task registered as `name`; UnknownTaskError if there is none."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTaskError(name) from None
+
+    # -- backends -------------------------------------------------------------------------
+
+    def backend(self, alias: str) -> Backend:
+        """The backend instance for `alias`, built from settings on first use."""
+        found = self._backends.get(alias)
+        if found is None:
+            options = dict(self.settings.backends.get(alias, {}))
+            engine = options.get("engine") or alias
+            found = load_backend_class(engine)(alias, options)
+            self._backends[alias] = found
+        return found
+
+    def validate(self) -> None:
+        """Check settings, backends and every task's route; raise ConfigurationError if wrong."""
+        settings = self.settings
+        aliases = [settings.default_backend, *settings.backends]
+        for task in self._tasks.values():
+            aliases.append(self.resolve(task).policy.backend)
+        for alias in dict.fromkeys(aliases):
+            self.backend(alias)
+        for pattern, _ in self._routes:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in self._tasks):
+                raise ConfigurationError(
+                    f"{env_name('routes')}: the route {pattern!r} matches no registered task "
+                    f"(registered: {', '.join(sorted(self._tasks)) or 'none'})"
+                )
+
+    async def open(self) -> None:
+        """Validate, then connect every backend in use. Safe to call more than once."""
+        if self._opened:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._opened:
+                return
+            self.validate()
+            for backend in self._backends.values():
+                await backend.open()
+            self._opened = True
+
+    async def close(self) -> None:
+        """Close every backend (in-process ones wait for their running calls)."""
+        backends, self._opened = list(self._backends.values()), False
+        for backend in backends:
+            await backend.close()
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def prepare(
+        self, task: Task[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[Backend, TaskCall]:
+        """Route a call and check its arguments; nothing is sent yet.
+
+        Calls for queue backends get JSON-normalised arguments (a TaskArgumentError otherwise);
+        in-process ones keep the caller's objects, checked only with `strict_arguments`.
+        """
+        policy = self.resolve(task).policy
+        backend = self.backend(policy.backend)
+        if backend.runs_in_process:
+            if self.settings.strict_arguments:
+                normalize_arguments(task.signature, task.name, args, kwargs)
+            return backend, TaskCall(new_task_id(), task, args, dict(kwargs), policy)
+        json_args, json_kwargs = normalize_arguments(task.signature, task.name, args, kwargs)
+        return backend, TaskCall(new_task_id(), task, json_args, json_kwargs, policy)
+
+    async def dispatch(self, batch: Iterable[tuple[Backend, TaskCall]]) -> None:
+        """Send prepared calls: one `enqueue` per backend, concurrently, within the timeout."""
+        if not self._opened:
+            await self.open()
+        groups: dict[Backend, list[TaskCall]] = {}
+        for backend, call in batch:
+            groups.setdefault(backend, []).append(call)
+        timeout = self.settings.dispatch_timeout
+        await asyncio.gather(*(self._send(b, calls, timeout) for b, calls in groups.items()))
+
+    @staticmethod
+    async def _send(backend: Backend, calls: list[TaskCall], timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await backend.enqueue(calls)
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"backend {backend.alias!r} did not accept {len(calls)} call(s) of "
+                f"{', '.join(sorted({c.name for c in calls}))} within {timeout}s",
+                backend=backend.alias,
+            ) from None
+
+    async def enqueue(
+        self, task: Task[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> TaskHandle:
+        """Dispatch one call now, outside a request; return its handle."""
+        backend, call = self.prepare(task, args, kwargs)
+        await self.dispatch([(backend, call)])
+        return call.handle
+
+    # -- FastAPI --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Lifespan for `FastAPI(lifespan=bridge.lifespan)`: validate and connect at start-up,
+        close at shutdown. Compose it inside your own lifespan with `async with`."""
+        self.attach(app)
+        await self.open()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    def attach(self, app: FastAPI) -> None:
+        """Make this bridge the one `Tasks` finds in `app` (the lifespan does this)."""
+        setattr(app.state, _STATE_KEY, self)
+
+    def init_app(self, app: FastAPI) -> None:
+        """Attach to an app that already has a lifespan, wrapping it with the bridge's."""
+        self.attach(app)
+        inner = app.router.lifespan_context
+
+        @asynccontextmanager
+        async def lifespan(a: Any) -> AsyncIterator[Any]:
+            async with self.lifespan(a), inner(a) as state:
+                yield state
+
+        app.router.lifespan_context = lifespan
+
+    @staticmethod
+    def of(app: Any) -> TaskBridge:
+        """The bridge attached to `app`; BridgeNotFoundError if there is none."""
+        bridge = getattr(app.state, _STATE_KEY, None)
+        if not isinstance(bridge, TaskBridge):
+            raise BridgeNotFoundError(
+                "this app has no TaskBridge: create it with FastAPI(lifespan=bridge.lifespan) or "
+                "call bridge.init_app(app); in tests, enter the client as a context manager "
+                "(`with TestClient(app) as client:`) so the lifespan runs"
+            )
+        return bridge

@@ -1,0 +1,85 @@
+"""Every error taskbridge raises, under one root.
+
+    TaskBridgeError
+    ├── ConfigurationError            settings, registration or routing is wrong (start-up)
+    │   ├── UnknownBackendError       a backend name resolves to nothing installed
+    │   └── BridgeNotFoundError       `Tasks` used in an app that has no bridge
+    ├── TaskArgumentError (TypeError) a call's arguments cannot be sent (at add_task time)
+    ├── UnknownTaskError (LookupError) a worker got a message for a task it does not know
+    ├── MessageError (ValueError)     a message cannot be decoded
+    └── BackendError                  an engine failed at run time
+        └── BackendUnavailable        the broker did not accept the calls in time
+
+Configuration errors are raised at start-up; the others at run time. Each message names the task,
+setting or backend concerned and says what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "BridgeNotFoundError",
+    "ConfigurationError",
+    "MessageError",
+    "TaskArgumentError",
+    "TaskBridgeError",
+    "UnknownBackendError",
+    "UnknownTaskError",
+]
+
+
+class TaskBridgeError(Exception):
+    """Root of every error raised by taskbridge."""
+
+
+class ConfigurationError(TaskBridgeError):
+    """Settings, task registration or routing is invalid; raised at start-up."""
+
+
+class UnknownBackendError(ConfigurationError):
+    """A backend name is not built in, not an installed plugin and not an import string."""
+
+
+class BridgeNotFoundError(ConfigurationError):
+    """`Tasks` was used in an application that has no TaskBridge attached."""
+
+
+class TaskArgumentError(TaskBridgeError, TypeError):
+    """A task call's arguments do not fit the task or cannot be encoded as JSON.
+
+    Raised by `add_task` / `enqueue`, in the caller, so nothing reaches a worker that would fail
+    there to decode it.
+    """
+
+    def __init__(self, message: str, *, task_name: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.task_name = task_name
+        self.parameter = parameter
+
+
+class UnknownTaskError(TaskBridgeError, LookupError):
+    """A message names a task that is not registered on the bridge."""
+
+    def __init__(self, task_name: str) -> None:
+        super().__init__(
+            f"no task named {task_name!r} is registered on this bridge; is the module that "
+            "defines it imported by the bridge's module?"
+        )
+        self.task_name = task_name
+
+
+class MessageError(TaskBridgeError, ValueError):
+    """A queued message is malformed, truncated or not JSON."""
+
+
+class BackendError(TaskBridgeError):
+    """A backend failed while talking to its engine."""
+
+    def __init__(self, message: str, *, backend: str) -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+class BackendUnavailable(BackendError):
+    """The broker could not be reached or did not accept the calls within the dispatch timeout."""

@@ -1,0 +1,67 @@
+"""The `Tasks` dependency: BackgroundTasks' `add_task`, routed by policy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, ParamSpec
+
+from fastapi import BackgroundTasks, Depends, Request
+
+from ._bridge import TaskBridge
+from ._handle import TaskHandle, new_task_id
+from ._task import Task, TaskCall
+from .backends import Backend
+
+__all__ = ["TaskQueue", "Tasks"]
+
+P = ParamSpec("P")
+
+
+class TaskQueue:
+    """What an endpoint gets for `tasks: Tasks`.
+
+    `add_task` has BackgroundTasks' exact call shape. Plain callables join the request's
+    BackgroundTasks untouched. Tasks are routed by their policy: in-process ones join the same
+    list (keeping `add_task` order), queued ones are buffered and sent in one batch per backend
+    after the handler returns and before the response is sent; if the handler raises, none are.
+    """
+
+    __slots__ = ("_background", "_bridge", "_pending")
+
+    def __init__(self, bridge: TaskBridge, background: BackgroundTasks) -> None:
+        self._bridge = bridge
+        self._background = background
+        self._pending: list[tuple[Backend, TaskCall]] = []
+
+    def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        """Add a call; return its handle. Non-JSON arguments for a queue raise here."""
+        if isinstance(func, Task):
+            backend, call = func.bridge.prepare(func, args, kwargs)
+            if not backend.defer_in_request(call, self._background):
+                self._pending.append((backend, call))
+            return call.handle
+        self._background.add_task(func, *args, **kwargs)
+        name = getattr(func, "__qualname__", None) or type(func).__qualname__
+        return TaskHandle(new_task_id(), f"{getattr(func, '__module__', None)}.{name}", "inprocess")
+
+    @property
+    def pending(self) -> list[TaskCall]:
+        """Queued calls buffered by this request and not yet sent."""
+        return [call for _, call in self._pending]
+
+    async def flush(self) -> None:
+        """Send the buffered calls now (the dependency does this when the handler returns)."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            await self._bridge.dispatch(batch)
+
+
+async def _request_tasks(request: Request, background: BackgroundTasks) -> AsyncIterator[TaskQueue]:
+    queue = TaskQueue(TaskBridge.of(request.app), background)
+    yield queue
+    # Reached only when the handler returned: an exception is raised at the yield instead.
+    await queue.flush()
+
+
+Tasks = Annotated[TaskQueue, Depends(_request_tasks, scope="function")]
+"""Declare `tasks: Tasks` in an endpoint to get the request's TaskQueue."""

@@ -1,0 +1,193 @@
+"""The runner: the one place a task call is executed, in the API process and in every worker.
+
+It runs `async def` tasks on the event loop and `def` tasks in a worker thread (or, under a
+blocking engine such as a Celery prefork child, in the calling thread), applies the timeout and
+decides whether a failure is retried. Engines only move messages; they map the Outcome onto their
+own retry and result features.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio.to_thread
+
+from ._policy import Policy
+from ._task import Task
+
+__all__ = ["Outcome", "TaskContext", "current_task", "run", "run_blocking", "run_with_retries"]
+
+logger = logging.getLogger("taskbridge")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a running task can learn about its own call (see `current_task()`)."""
+
+    id: str
+    name: str
+    attempt: int
+    """1 for the first attempt, 2 for the first retry, and so on."""
+    backend: str
+
+
+_current: ContextVar[TaskContext | None] = ContextVar("taskbridge_current_task", default=None)
+
+
+def current_task() -> TaskContext | None:
+    """The call being executed in this context, or None outside a task."""
+    return _current.get()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt: succeeded, failed for good, or to be retried after `retry_in`."""
+
+    state: Literal["succeeded", "failed", "retry"]
+    value: Any = None
+    error: BaseException | None = None
+    retry_in: float | None = None
+    attempt: int = 1
+    duration: float = 0.0
+
+
+def _decide(context: TaskContext, policy: Policy, error: Exception, started: float) -> Outcome:
+    duration = time.perf_counter() - started
+    if policy.should_retry(error, context.attempt):
+        delay = policy.retry_delay(context.attempt)
+        logger.warning(
+            "task %s [%s] attempt %d failed (%s: %s); retrying in %.2fs",
+            context.name,
+            context.id,
+            context.attempt,
+            type(error).__name__,
+            error,
+            delay,
+        )
+        return Outcome(
+            "retry", error=error, retry_in=delay, attempt=context.attempt, duration=duration
+        )
+    logger.error(
+        "task %s [%s] failed after %d attempt(s) on backend %r",
+        context.name,
+        context.id,
+        context.attempt,
+        context.backend,
+        exc_info=error,
+    )
+    return Outcome("failed", error=error, attempt=context.attempt, duration=duration)
+
+
+async def _with_timeout(awaitable: Awaitable[Any], timeout: float | None) -> Any:
+    if timeout is None:
+        return await awaitable
+    async with asyncio.timeout(timeout):
+        return await awaitable
+
+
+async def run(
+    task: Task[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    call_id: str,
+    policy: Policy,
+    attempt: int = 1,
+) -> Outcome:
+    """Execute one attempt on the running event loop; never raises for the task's own errors.
+
+    A `def` task runs in a worker thread; at its timeout the call is abandoned (a thread cannot
+    be killed) and counts as failed with TimeoutError.
+    """
+    context = TaskContext(call_id, task.name, attempt, policy.backend)
+    token = _current.set(context)
+    started = time.perf_counter()
+    try:
+        if task.is_async:
+            value = await _with_timeout(task.func(*args, **kwargs), policy.timeout)
+        else:
+            call = functools.partial(task.func, *args, **kwargs)
+            value = await _with_timeout(
+                anyio.to_thread.run_sync(call, abandon_on_cancel=policy.timeout is not None),
+                policy.timeout,
+            )
+    except Exception as error:
+        return _decide(context, policy, error, started)
+    finally:
+        _current.reset(token)
+    return Outcome(
+        "succeeded", value=value, attempt=attempt, duration=time.perf_counter() - started
+    )
+
+
+async def run_with_retries(
+    task: Task[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    call_id: str,
+    policy: Policy,
+) -> Outcome:
+    """Execute a call in this process, retrying after the policy's backoff until it settles."""
+    attempt = 1
+    while True:
+        outcome = await run(task, args, kwargs, call_id=call_id, policy=policy, attempt=attempt)
+        if outcome.state != "retry":
+            return outcome
+        await asyncio.sleep(outcome.retry_in or 0.0)
+        attempt += 1
+
+
+_thread_state = threading.local()
+
+
+def _thread_loop() -> asyncio.AbstractEventLoop:
+    """This thread's persistent event loop, so loop-bound clients survive between tasks."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_thread_state, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = asyncio.new_event_loop()
+        _thread_state.loop = loop
+    return loop
+
+
+def run_blocking(
+    task: Task[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    call_id: str,
+    policy: Policy,
+    attempt: int = 1,
+) -> Outcome:
+    """Execute one attempt from synchronous code (a blocking worker such as Celery's).
+
+    A `def` task runs in the calling thread; its timeout is left to the engine (Celery's time
+    limits on prefork). An `async def` task runs on this thread's persistent event loop, and at
+    its timeout it is cancelled and drained before this returns.
+    """
+    context = TaskContext(call_id, task.name, attempt, policy.backend)
+    token = _current.set(context)
+    started = time.perf_counter()
+    try:
+        if task.is_async:
+            coro: Coroutine[Any, Any, Any] = _with_timeout(
+                task.func(*args, **kwargs), policy.timeout
+            )
+            value = _thread_loop().run_until_complete(coro)
+        else:
+            value = task.func(*args, **kwargs)
+    except Exception as error:
+        return _decide(context, policy, error, started)
+    finally:
+        _current.reset(token)
+    return Outcome(
+        "succeeded", value=value, attempt=attempt, duration=time.perf_counter() - started
+    )

@@ -1,0 +1,85 @@
+"""Settings: typed, read once when the bridge first needs them, never at import time.
+
+Sources, highest precedence first: values passed to `TaskBridge(settings=...)`, environment
+variables (`TASKBRIDGE_` prefix, `__` between nested keys), a `.env` file, then
+`[tool.taskbridge]` in the working directory's pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    PyprojectTomlConfigSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from ._exceptions import ConfigurationError
+
+__all__ = ["TaskBridgeSettings", "env_name", "load_settings"]
+
+ENV_PREFIX = "TASKBRIDGE_"
+
+
+def env_name(*loc: object) -> str:
+    """The environment variable that sets the value at `loc`, e.g. TASKBRIDGE_BACKENDS__ARQ__X."""
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+class TaskBridgeSettings(BaseSettings):
+    """Everything a deployment can decide without touching code."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="forbid",
+        pyproject_toml_table_header=("tool", "taskbridge"),
+    )
+
+    default_backend: str = Field(default="inprocess", min_length=1)
+    """Backend alias for tasks whose decorator and routes name none."""
+    routes: dict[str, str | dict[str, Any]] = Field(default_factory=dict)
+    """Ordered glob on task name -> backend alias, or -> policy fields. First match wins and
+    overrides the code's own policy."""
+    backends: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Options per backend alias; `engine` picks the implementation when the alias is not one."""
+    strict_arguments: bool = False
+    """Check in-process tasks' arguments for JSON too, to find what would break on a queue."""
+    dispatch_timeout: float = Field(default=5.0, gt=0)
+    """Seconds a request waits for a broker to accept its calls before failing."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            PyprojectTomlConfigSettingsSource(settings_cls),
+            file_secret_settings,
+        )
+
+
+def load_settings(values: TaskBridgeSettings | Mapping[str, Any] | None) -> TaskBridgeSettings:
+    """Build the settings; any invalid value is a ConfigurationError naming its variable."""
+    if isinstance(values, TaskBridgeSettings):
+        return values
+    try:
+        return TaskBridgeSettings(**dict(values or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{env_name(*err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigurationError(f"invalid taskbridge settings: {problems}") from None
+    except SettingsError as exc:
+        raise ConfigurationError(f"invalid taskbridge settings: {exc}") from None

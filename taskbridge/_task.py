@@ -1,0 +1,95 @@
+"""Decorated task functions and the calls made of them."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from ._handle import TaskHandle
+from ._policy import Policy, check_policy_fields
+
+if TYPE_CHECKING:
+    from ._bridge import TaskBridge
+
+__all__ = ["Task", "TaskCall"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Task(Generic[P, R]):
+    """A function registered on a bridge, with its policy.
+
+    Calling it runs the function here and now; `add_task`, `enqueue` and the workers run it
+    according to its effective policy (settings route > `.using()` > decorator > default).
+    """
+
+    def __init__(
+        self,
+        bridge: TaskBridge,
+        func: Callable[P, R],
+        name: str,
+        decorator_policy: Mapping[str, Any],
+        using: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.bridge = bridge
+        self.func = func
+        self.name = name
+        self.decorator_policy: Mapping[str, Any] = dict(decorator_policy)
+        self.using_policy: Mapping[str, Any] = dict(using or {})
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.signature = inspect.signature(func)
+        functools.update_wrapper(self, func)
+
+    @property
+    def policy(self) -> Policy:
+        """The effective policy this task is dispatched with now."""
+        return self.bridge.resolve(self).policy
+
+    def using(self, **overrides: Any) -> Task[P, R]:
+        """A variant of this task whose dispatches apply `overrides` (policy fields).
+
+        Settings routes still win over these, so a deployment can override code.
+        """
+        merged = {**self.using_policy, **check_policy_fields(overrides, f"{self.name}.using()")}
+        return Task(self.bridge, self.func, self.name, self.decorator_policy, merged)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        """Dispatch one call outside a request (scripts, other tasks, startup code)."""
+        return await self.bridge.enqueue(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+
+@dataclass(slots=True)
+class TaskCall:
+    """One call of a task, as a backend receives it.
+
+    For backends that run out of process, `args` and `kwargs` are already JSON values (checked
+    and normalised in the caller); for in-process backends they are the caller's own objects.
+    """
+
+    id: str
+    task: Task[..., Any]
+    args: list[Any] | tuple[Any, ...]
+    kwargs: dict[str, Any]
+    policy: Policy
+    enqueued_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        """The task's registered name."""
+        return self.task.name
+
+    @property
+    def handle(self) -> TaskHandle:
+        """The handle returned to the caller for this call."""
+        return TaskHandle(self.id, self.task.name, self.policy.backend)

@@ -1,0 +1,159 @@
+"""The backend contract, for built-in backends and plugins alike.
+
+A backend is built as `Backend(alias, options)` from the `backends` setting. Plugins register
+their class in the entry-point group `taskbridge.backends`; a class can also be named by import
+string (`package.module:Class`) in the alias's `engine` option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fastapi import BackgroundTasks
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .._exceptions import ConfigurationError, UnknownBackendError
+from .._policy import Policy
+from .._settings import env_name
+from .._task import TaskCall
+
+if TYPE_CHECKING:
+    from .._bridge import TaskBridge
+
+__all__ = [
+    "Backend",
+    "BackendOptions",
+    "TaskCall",
+    "load_backend_class",
+]
+
+ENTRY_POINT_GROUP = "taskbridge.backends"
+
+_BUILTIN = {
+    "inprocess": "taskbridge.backends._builtin:InProcessBackend",
+    "immediate": "taskbridge.backends._builtin:ImmediateBackend",
+    "recording": "taskbridge.backends._builtin:RecordingBackend",
+}
+_PLUGINS = {"celery": "fastapi-taskbridge-celery", "arq": "fastapi-taskbridge-arq"}
+
+
+class BackendOptions(BaseModel):
+    """Options of a backend alias (subclass it to add an engine's own options)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: str | None = None
+    """Implementation name or import string; defaults to the alias itself."""
+
+
+class Backend(ABC):
+    """Moves task calls from the API to where they run.
+
+    Subclasses implement `enqueue`; queue engines also `open`/`close` and the worker hooks.
+    Capability flags say what the backend can honour; `validate_policy` turns a policy it cannot
+    honour into a start-up error.
+    """
+
+    runs_in_process: ClassVar[bool] = False
+    """Calls run in the API process, so arguments stay Python objects (JSON is not enforced)."""
+    supports_delay: ClassVar[bool] = False
+    """Honours `delay` (deferred start)."""
+    supports_queues: ClassVar[bool] = False
+    """Honours `queue` (named queues on the engine)."""
+    supports_worker: ClassVar[bool] = False
+    """Has a worker started by `taskbridge worker ALIAS`."""
+    options_model: ClassVar[type[BackendOptions]] = BackendOptions
+    """The pydantic model the alias's options are validated with."""
+
+    def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
+        self.alias = alias
+        try:
+            self.options = self.options_model.model_validate(dict(options))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{env_name('backends', alias, *err['loc'])}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigurationError(
+                f"invalid options for backend {alias!r} ({type(self).__name__}): {problems}"
+            ) from None
+
+    def validate_policy(self, task_name: str, policy: Policy) -> None:
+        """Raise ConfigurationError, naming the task, for a policy this backend cannot honour.
+
+        Called at start-up for each task routed here, and for each `.using()` variant.
+        """
+        if policy.delay is not None and not self.supports_delay:
+            raise ConfigurationError(
+                f"task {task_name!r}: backend {self.alias!r} cannot delay calls (delay="
+                f"{policy.delay}); route it to a backend that can or drop the delay"
+            )
+
+    async def open(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Connect to the engine (called once, at application start-up)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release connections; finish or hand back what is still pending."""
+
+    def defer_in_request(self, call: TaskCall, background: BackgroundTasks) -> bool:
+        """Take a call inside a request at `add_task` time; return False to have it buffered.
+
+        Buffered calls reach `enqueue` in one batch after the handler returned and before the
+        response is sent. In-process backends override this to use the request's tasks.
+        """
+        return False
+
+    @abstractmethod
+    async def enqueue(self, calls: Sequence[TaskCall]) -> None:
+        """Hand over a batch of calls; when this returns, the engine has durably accepted them.
+
+        Raise BackendUnavailable when the engine cannot be reached.
+        """
+
+    def add_worker_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
+        """Add the engine's own options to `taskbridge worker ALIAS`."""
+
+    def run_worker(self, bridge: TaskBridge, arguments: argparse.Namespace) -> int:
+        """Run a worker for `bridge`'s tasks until it is stopped; return the exit code."""
+        raise ConfigurationError(
+            f"backend {self.alias!r} ({type(self).__name__}) has no worker: "
+            "its calls run where they are dispatched"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.alias!r}>"
+
+
+def load_backend_class(engine: str) -> type[Backend]:
+    """Resolve an engine name: built-in, then entry point, then import string."""
+    target = _BUILTIN.get(engine)
+    if target is None:
+        found = entry_points(group=ENTRY_POINT_GROUP, name=engine)
+        if found:
+            cls = next(iter(found)).load()
+            return _checked(engine, cls)
+        if ":" not in engine and "." not in engine:
+            hint = (
+                f"; install it with `pip install {_PLUGINS[engine]}`"
+                if engine in _PLUGINS
+                else f"; built-in backends are {', '.join(sorted(_BUILTIN))}"
+            )
+            raise UnknownBackendError(f"no backend named {engine!r} is installed{hint}")
+        target = engine
+    module_name, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownBackendError(f"cannot import backend {engine!r}: {exc}") from None
+    return _checked(engine, cls)
+
+
+def _checked(engine: str, cls: object) -> type[Backend]:
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise UnknownBackendError(f"backend {engine!r} resolves to {cls!r}, not a Backend class")
+    return cls
