@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["OnUnavailable", "Policy", "PolicyFields", "ResolvedPolicy", "check_policy_fields"]
+__all__ = [
+    "POLICY_FIELDS",
+    "OnUnavailable",
+    "Policy",
+    "PolicyFields",
+    "ResolvedPolicy",
+    "check_policy_fields",
+]
 
 OnUnavailable = Literal["fail", "inprocess"]
 
@@ -53,7 +60,24 @@ class Policy:
         return attempt <= self.retries and isinstance(error, self.retry_on)
 
 
-POLICY_FIELDS = tuple(f.name for f in fields(Policy))
+POLICY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Policy))
+EXECUTION_FIELDS = ("retries", "retry_backoff", "retry_backoff_max", "retry_jitter", "timeout")
+
+
+def execution_fields(policy: Policy) -> dict[str, Any]:
+    """The fields that govern execution, as JSON, to travel with a queued message.
+
+    The dispatching side decides the policy (settings route > `.using()` > decorator), so a
+    worker applies what the message carries rather than re-resolving it.
+    """
+    return {name: getattr(policy, name) for name in EXECUTION_FIELDS}
+
+
+def with_execution_fields(policy: Policy, carried: Mapping[str, Any]) -> Policy:
+    """`policy` updated with the execution fields a message carried; unknown keys are ignored."""
+    known = {k: v for k, v in carried.items() if k in EXECUTION_FIELDS}
+    checked = check_policy_fields(known, "a message's policy")
+    return replace(policy, **checked) if checked else policy
 
 
 class PolicyFields(BaseModel):

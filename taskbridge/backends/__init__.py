@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from fastapi import BackgroundTasks
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .._codec import decode_json, encode_json, normalize_arguments
 from .._exceptions import ConfigurationError, UnknownBackendError
-from .._policy import Policy
+from .._policy import Policy, execution_fields, with_execution_fields
+from .._runner import Outcome, run, run_blocking, run_with_retries
 from .._settings import env_name
-from .._task import TaskCall
+from .._task import Task, TaskCall
 
 if TYPE_CHECKING:
     from .._bridge import TaskBridge
@@ -28,8 +30,19 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "BackendOptions",
+    "Outcome",
+    "Policy",
+    "Task",
     "TaskCall",
+    "decode_json",
+    "encode_json",
+    "execution_fields",
     "load_backend_class",
+    "normalize_arguments",
+    "run",
+    "run_blocking",
+    "run_with_retries",
+    "with_execution_fields",
 ]
 
 ENTRY_POINT_GROUP = "taskbridge.backends"
