@@ -23,7 +23,15 @@ import anyio.to_thread
 from ._policy import Policy
 from ._task import Task
 
-__all__ = ["Outcome", "TaskContext", "current_task", "run", "run_blocking", "run_with_retries"]
+__all__ = [
+    "Outcome",
+    "TaskContext",
+    "close_thread_loop",
+    "current_task",
+    "run",
+    "run_blocking",
+    "run_with_retries",
+]
 
 logger = logging.getLogger("taskbridge")
 
@@ -146,16 +154,39 @@ async def run_with_retries(
         attempt += 1
 
 
+class _ThreadLoop:
+    """Owns a thread's persistent loop; closes it when the thread's locals are dropped."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def __del__(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.close()
+
+
 _thread_state = threading.local()
 
 
 def _thread_loop() -> asyncio.AbstractEventLoop:
     """This thread's persistent event loop, so loop-bound clients survive between tasks."""
-    loop: asyncio.AbstractEventLoop | None = getattr(_thread_state, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = asyncio.new_event_loop()
-        _thread_state.loop = loop
-    return loop
+    holder: _ThreadLoop | None = getattr(_thread_state, "holder", None)
+    if holder is None or holder.loop.is_closed():
+        holder = _thread_state.holder = _ThreadLoop()
+    return holder.loop
+
+
+def close_thread_loop() -> None:
+    """Close this thread's persistent loop, if `run_blocking` made one (worker shutdown)."""
+    holder: _ThreadLoop | None = getattr(_thread_state, "holder", None)
+    if holder is not None:
+        holder.close()
+        del _thread_state.holder
 
 
 def run_blocking(

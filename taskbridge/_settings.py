@@ -7,6 +7,7 @@ variables (`TASKBRIDGE_` prefix, `__` between nested keys), a `.env` file, then
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,4 +83,8 @@ def load_settings(values: TaskBridgeSettings | Mapping[str, Any] | None) -> Task
         problems = "; ".join(f"{env_name(*err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigurationError(f"invalid taskbridge settings: {problems}") from None
     except SettingsError as exc:
-        raise ConfigurationError(f"invalid taskbridge settings: {exc}") from None
+        field = re.search(r'field "([^"]+)"', str(exc))
+        name = env_name(field.group(1)) if field else "a setting"
+        raise ConfigurationError(
+            f"invalid taskbridge settings: {name} is not valid JSON ({exc})"
+        ) from None

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .._codec import decode_json, encode_json, normalize_arguments
 from .._exceptions import ConfigurationError, UnknownBackendError
 from .._policy import Policy, execution_fields, with_execution_fields
-from .._runner import Outcome, run, run_blocking, run_with_retries
+from .._runner import Outcome, close_thread_loop, run, run_blocking, run_with_retries
 from .._settings import env_name
 from .._task import Task, TaskCall
 
@@ -34,6 +34,7 @@ __all__ = [
     "Policy",
     "Task",
     "TaskCall",
+    "close_thread_loop",
     "decode_json",
     "encode_json",
     "execution_fields",
