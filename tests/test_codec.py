@@ -100,7 +100,7 @@ def test_dict_keys_must_be_strings() -> None:
 
 
 def test_calls_that_do_not_fit_the_signature_fail_at_dispatch() -> None:
-    with pytest.raises(TaskArgumentError, match="'app.target' cannot be called.*user_id"):
+    with pytest.raises(TaskArgumentError, match=r"'app.target' cannot be called.*user_id"):
         normalize(payload=1)
 
 

@@ -93,9 +93,9 @@ def test_backend_options_are_validated_and_named(monkeypatch: pytest.MonkeyPatch
 
 
 def test_unknown_backends_fail_at_startup_with_a_hint() -> None:
-    with pytest.raises(UnknownBackendError, match="no backend named 'rq'.*built-in backends"):
+    with pytest.raises(UnknownBackendError, match=r"no backend named 'rq'.*built-in backends"):
         TaskBridge({"default_backend": "rq"}).validate()
-    with pytest.raises(UnknownBackendError, match="cannot import backend 'nowhere.mod:Thing'"):
+    with pytest.raises(UnknownBackendError, match=r"cannot import backend 'nowhere.mod:Thing'"):
         TaskBridge({"backends": {"x": {"engine": "nowhere.mod:Thing"}}}).validate()
     with pytest.raises(UnknownBackendError, match="not a Backend class"):
         TaskBridge({"backends": {"x": {"engine": "json:dumps"}}}).validate()

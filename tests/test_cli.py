@@ -1,0 +1,75 @@
+"""The `taskbridge` command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+APP = """
+from fastapi import FastAPI
+from taskbridge import TaskBridge
+
+bridge = TaskBridge({"backends": {"rec": {"engine": "recording"}}})
+
+@bridge.task
+def welcome(email: str) -> None: ...
+
+@bridge.task(backend="rec", queue="reports", retries=3, timeout=300)
+def build_report(user_id: int) -> str: ...
+
+app = FastAPI(lifespan=bridge.lifespan)
+bridge.attach(app)
+"""
+
+
+def taskbridge(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "myapp.py").write_text(APP)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TASKBRIDGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "taskbridge.cli", *args],
+        cwd=tmp_path,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tasks_lists_effective_routing_and_where_it_came_from(tmp_path: Path) -> None:
+    result = taskbridge(
+        tmp_path, "tasks", "myapp:bridge", TASKBRIDGE_ROUTES='{"myapp.welcome": "immediate"}'
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert lines == [
+        ["myapp.build_report"],
+        ["backend", "rec", "(decorator)"],
+        ["queue", "reports", "(decorator)"],
+        ["retries", "3", "(decorator)"],
+        ["timeout", "300.0", "(decorator)"],
+        ["myapp.welcome"],
+        ["backend", "immediate", "(route", "'myapp.welcome')"],
+        ["queue", "None", "(default)"],
+    ]
+
+
+def test_the_app_can_stand_for_its_bridge(tmp_path: Path) -> None:
+    result = taskbridge(tmp_path, "tasks", "myapp:app")
+    assert result.returncode == 0, result.stderr
+    assert "myapp.welcome" in result.stdout
+
+
+def test_configuration_errors_exit_2_with_the_message(tmp_path: Path) -> None:
+    result = taskbridge(tmp_path, "tasks", "myapp:bridge", TASKBRIDGE_DEFAULT_BACKEND="nope")
+    assert result.returncode == 2
+    assert "no backend named 'nope'" in result.stderr
+    missing = taskbridge(tmp_path, "tasks", "nomodule:bridge")
+    assert missing.returncode == 2 and "cannot import 'nomodule'" in missing.stderr
+
+
+def test_worker_for_a_backend_without_workers_says_so(tmp_path: Path) -> None:
+    result = taskbridge(tmp_path, "worker", "rec", "myapp:bridge")
+    assert result.returncode == 2
+    assert "backend 'rec' (RecordingBackend) has no worker" in result.stderr

@@ -1,0 +1,62 @@
+"""The public names are a contract: this fails when an export changes by accident."""
+
+from __future__ import annotations
+
+import taskbridge
+import taskbridge.backends
+
+EXPECTED = [
+    "BackendError",
+    "BackendUnavailable",
+    "BridgeNotFoundError",
+    "ConfigurationError",
+    "MessageError",
+    "Policy",
+    "Task",
+    "TaskArgumentError",
+    "TaskBridge",
+    "TaskBridgeError",
+    "TaskBridgeSettings",
+    "TaskContext",
+    "TaskHandle",
+    "TaskQueue",
+    "Tasks",
+    "UnknownBackendError",
+    "UnknownTaskError",
+    "current_task",
+]
+
+BACKEND_API = [
+    "Backend",
+    "BackendOptions",
+    "Outcome",
+    "Policy",
+    "Task",
+    "TaskCall",
+    "close_thread_loop",
+    "decode_json",
+    "encode_json",
+    "execution_fields",
+    "load_backend_class",
+    "normalize_arguments",
+    "run",
+    "run_blocking",
+    "run_with_retries",
+    "with_execution_fields",
+]
+
+
+def test_top_level_exports() -> None:
+    assert taskbridge.__all__ == EXPECTED
+    assert all(hasattr(taskbridge, name) for name in EXPECTED)
+
+
+def test_backend_author_api() -> None:
+    assert taskbridge.backends.__all__ == BACKEND_API
+    assert all(hasattr(taskbridge.backends, name) for name in BACKEND_API)
+
+
+def test_every_error_has_the_one_root() -> None:
+    errors = [getattr(taskbridge, n) for n in EXPECTED if n.endswith(("Error", "Unavailable"))]
+    assert all(issubclass(e, taskbridge.TaskBridgeError) for e in errors)
+    assert issubclass(taskbridge.TaskArgumentError, TypeError)
