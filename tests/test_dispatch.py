@@ -182,3 +182,32 @@ def test_init_app_keeps_the_apps_own_lifespan() -> None:
         client.get("/")
     assert order == ["own start", "own stop"]
     assert len(bridge.backend("rec").calls) == 1  # type: ignore[attr-defined]
+
+
+def test_strict_arguments_checks_in_process_tasks_but_passes_the_originals() -> None:
+    import datetime
+
+    received: list[Any] = []
+    for strict in (False, True):
+        bridge = TaskBridge({"strict_arguments": strict})
+
+        @bridge.task
+        def log_event(when: Any, tags: tuple[str, ...]) -> None:
+            received.append((when, tags))
+
+        app = FastAPI(lifespan=bridge.lifespan)
+
+        @app.post("/{kind}")
+        def endpoint(kind: str, tasks: Tasks) -> None:  # a sync endpoint works the same
+            when = datetime.date(2026, 1, 1) if kind == "date" else "2026-01-01"
+            tasks.add_task(log_event, when, ("a", "b"))
+
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert client.post("/text").status_code == 200
+            assert client.post("/date").status_code == (500 if strict else 200)
+    # in-process tasks get the caller's own objects (the tuple stays a tuple)
+    assert received == [
+        ("2026-01-01", ("a", "b")),
+        (datetime.date(2026, 1, 1), ("a", "b")),
+        ("2026-01-01", ("a", "b")),
+    ]
