@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar, overload
@@ -22,6 +23,7 @@ from ._policy import OnUnavailable, ResolvedPolicy, check_policy_fields
 from ._settings import TaskBridgeSettings, env_name, load_settings
 from ._task import Task, TaskCall
 from .backends import Backend, load_backend_class
+from .backends._builtin import spawn_in_process
 
 __all__ = ["TaskBridge"]
 
@@ -29,6 +31,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _STATE_KEY = "taskbridge"
+logger = logging.getLogger("taskbridge")
 
 
 class TaskBridge:
@@ -249,27 +252,79 @@ class TaskBridge:
         json_args, json_kwargs = normalize_arguments(task.signature, task.name, args, kwargs)
         return backend, TaskCall(new_task_id(), task, json_args, json_kwargs, policy)
 
-    async def dispatch(self, batch: Iterable[tuple[Backend, TaskCall]]) -> None:
-        """Send prepared calls: one `enqueue` per backend, concurrently, within the timeout."""
+    async def dispatch(
+        self,
+        batch: Iterable[tuple[Backend, TaskCall]],
+        fallback: Callable[[TaskCall], None] | None = None,
+    ) -> None:
+        """Send prepared calls: one `enqueue` per backend, concurrently, within the timeout.
+
+        When a backend is unavailable, its calls whose policy says `on_unavailable="inprocess"`
+        are handed to `fallback` (by default, run as asyncio tasks here) with a warning; if any
+        other call could not be sent, BackendUnavailable is raised.
+        """
         if not self._opened:
             await self.open()
         groups: dict[Backend, list[TaskCall]] = {}
         for backend, call in batch:
             groups.setdefault(backend, []).append(call)
-        timeout = self.settings.dispatch_timeout
-        await asyncio.gather(*(self._send(b, calls, timeout) for b, calls in groups.items()))
+        settings = self.settings
+        results = await asyncio.gather(
+            *(
+                self._send(b, calls, settings.dispatch_timeout, settings.unavailable_retry_after)
+                for b, calls in groups.items()
+            ),
+            return_exceptions=True,
+        )
+        unavailable: list[BackendUnavailable] = []
+        for calls, result in zip(groups.values(), results, strict=True):
+            if result is None:
+                continue
+            if not isinstance(result, BackendUnavailable):
+                raise result
+            rescued = [c for c in calls if c.policy.on_unavailable == "inprocess"]
+            for call in rescued:
+                logger.warning(
+                    "%s; running task %s [%s] in-process instead (on_unavailable='inprocess')",
+                    result,
+                    call.name,
+                    call.id,
+                )
+                (fallback or self._run_here)(call)
+            if len(rescued) < len(calls):
+                unavailable.append(result)
+        if unavailable:
+            logger.warning("dispatch failed (a request gets 503): %s", unavailable[0])
+            raise unavailable[0]
+
+    def _run_here(self, call: TaskCall) -> None:
+        spawn_in_process(call)
 
     @staticmethod
-    async def _send(backend: Backend, calls: list[TaskCall], timeout: float) -> None:
+    async def _send(
+        backend: Backend, calls: list[TaskCall], timeout: float, retry_after: int
+    ) -> None:
+        names = ", ".join(sorted({c.name for c in calls}))
         try:
             async with asyncio.timeout(timeout):
                 await backend.enqueue(calls)
         except TimeoutError:
             raise BackendUnavailable(
-                f"backend {backend.alias!r} did not accept {len(calls)} call(s) of "
-                f"{', '.join(sorted({c.name for c in calls}))} within {timeout}s",
+                f"backend {backend.alias!r} did not accept {len(calls)} call(s) of {names} "
+                f"within {timeout}s",
                 backend=backend.alias,
+                retry_after=retry_after,
             ) from None
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"backend {backend.alias!r} is unreachable ({type(exc).__name__}: {exc}); "
+                f"{len(calls)} call(s) of {names} were not sent",
+                backend=backend.alias,
+                retry_after=retry_after,
+            ) from exc
+        except BackendUnavailable as exc:
+            exc.headers = {"Retry-After": str(retry_after)}
+            raise
 
     async def enqueue(
         self, task: Task[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]

@@ -8,13 +8,16 @@
     ├── UnknownTaskError (LookupError) a worker got a message for a task it does not know
     ├── MessageError (ValueError)     a message cannot be decoded
     └── BackendError                  an engine failed at run time
-        └── BackendUnavailable        the broker did not accept the calls in time
+        └── BackendUnavailable        the broker did not accept the calls in time (also an
+                                      HTTPException: FastAPI answers 503 + Retry-After)
 
 Configuration errors are raised at start-up; the others at run time. Each message names the task,
 setting or backend concerned and says what to do next.
 """
 
 from __future__ import annotations
+
+from starlette.exceptions import HTTPException
 
 __all__ = [
     "BackendError",
@@ -81,5 +84,27 @@ class BackendError(TaskBridgeError):
         self.backend = backend
 
 
-class BackendUnavailable(BackendError):
-    """The broker could not be reached or did not accept the calls within the dispatch timeout."""
+class BackendUnavailable(BackendError, HTTPException):
+    """The broker could not be reached or did not accept the calls within the dispatch timeout.
+
+    It is also an HTTPException (503 with Retry-After), so FastAPI answers a request whose tasks
+    were not accepted with 503 and no handler has to be installed; an app that registers its own
+    handler for BackendUnavailable still gets it called first.
+    """
+
+    def __init__(self, message: str, *, backend: str, retry_after: int = 5) -> None:
+        BackendError.__init__(self, message, backend=backend)
+        HTTPException.__init__(
+            self,
+            status_code=503,
+            detail="a task queue is unavailable; the request was not completed, try again later",
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.message = message
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"BackendUnavailable({self.message!r}, backend={self.backend!r})"

@@ -11,6 +11,7 @@ from ._bridge import TaskBridge
 from ._handle import TaskHandle, new_task_id
 from ._task import Task, TaskCall
 from .backends import Backend
+from .backends._builtin import run_in_process
 
 __all__ = ["TaskQueue", "Tasks"]
 
@@ -53,7 +54,11 @@ class TaskQueue:
         """Send the buffered calls now (the dependency does this when the handler returns)."""
         if self._pending:
             batch, self._pending = self._pending, []
-            await self._bridge.dispatch(batch)
+            await self._bridge.dispatch(batch, self._fallback)
+
+    def _fallback(self, call: TaskCall) -> None:
+        # the broker was down and the policy allows it: run after the response, like inprocess
+        self._background.add_task(run_in_process, call)
 
 
 async def _request_tasks(request: Request, background: BackgroundTasks) -> AsyncIterator[TaskQueue]:

@@ -54,6 +54,8 @@ class TaskBridgeSettings(BaseSettings):
     """Check in-process tasks' arguments for JSON too, to find what would break on a queue."""
     dispatch_timeout: float = Field(default=5.0, gt=0)
     """Seconds a request waits for a broker to accept its calls before failing."""
+    unavailable_retry_after: int = Field(default=5, ge=0)
+    """Retry-After (seconds) of the 503 answered when a broker did not accept a request's calls."""
 
     @classmethod
     def settings_customise_sources(

@@ -13,13 +13,33 @@ from .._runner import run_with_retries
 from .._task import TaskCall
 from . import Backend
 
-__all__ = ["ImmediateBackend", "InProcessBackend", "RecordingBackend"]
+__all__ = [
+    "ImmediateBackend",
+    "InProcessBackend",
+    "RecordingBackend",
+    "run_in_process",
+    "spawn_in_process",
+]
 
 
-async def _run_in_process(call: TaskCall) -> None:
+async def run_in_process(call: TaskCall) -> None:
+    """Run a call here, after its delay, retrying as its policy says; failures are logged."""
     if call.policy.delay:
         await asyncio.sleep(call.policy.delay)
     await run_with_retries(call.task, call.args, call.kwargs, call_id=call.id, policy=call.policy)
+
+
+_spawned: set[asyncio.Task[None]] = set()
+
+
+def spawn_in_process(call: TaskCall) -> asyncio.Task[None]:
+    """Run a call as an asyncio task on the running loop (a reference is kept until it ends)."""
+    task = asyncio.get_running_loop().create_task(
+        run_in_process(call), name=f"taskbridge:{call.name}"
+    )
+    _spawned.add(task)
+    task.add_done_callback(_spawned.discard)
+    return task
 
 
 class InProcessBackend(Backend):
@@ -40,13 +60,12 @@ class InProcessBackend(Backend):
         self._running: set[asyncio.Task[None]] = set()
 
     def defer_in_request(self, call: TaskCall, background: BackgroundTasks) -> bool:
-        background.add_task(_run_in_process, call)
+        background.add_task(run_in_process, call)
         return True
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
-        loop = asyncio.get_running_loop()
         for call in calls:
-            task = loop.create_task(_run_in_process(call), name=f"taskbridge:{call.name}")
+            task = spawn_in_process(call)
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
