@@ -21,7 +21,7 @@ from ._exceptions import (
 from ._handle import TaskHandle, new_task_id
 from ._policy import OnUnavailable, ResolvedPolicy, check_policy_fields
 from ._settings import TaskBridgeSettings, env_name, load_settings
-from ._task import Task, TaskCall
+from ._task import HookRegistry, Hooks, Task, TaskCall
 from .backends import Backend, load_backend_class
 from .backends._builtin import spawn_in_process
 
@@ -34,7 +34,7 @@ _STATE_KEY = "taskbridge"
 logger = logging.getLogger("taskbridge")
 
 
-class TaskBridge:
+class TaskBridge(HookRegistry):
     """Registry of tasks and the backends that run them, configured by settings.
 
     Attach it to an app with `FastAPI(lifespan=bridge.lifespan)` or `bridge.init_app(app)`;
@@ -50,6 +50,7 @@ class TaskBridge:
         self._resolved: dict[str, ResolvedPolicy] = {}
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
+        self.hooks = Hooks()
 
     # -- settings and routing -------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
+from ._handle import TaskHandle
 from ._policy import Policy
 from ._task import Task
 
@@ -67,8 +69,27 @@ class Outcome:
     duration: float = 0.0
 
 
-def _decide(context: TaskContext, policy: Policy, error: Exception, started: float) -> Outcome:
+def _outcome(
+    context: TaskContext,
+    policy: Policy,
+    started: float,
+    value: Any = None,
+    error: Exception | None = None,
+) -> Outcome:
+    """Classify an attempt and log it with structured fields (task, id, backend, attempt)."""
     duration = time.perf_counter() - started
+    extra = {
+        "task_name": context.name,
+        "task_id": context.id,
+        "backend": context.backend,
+        "attempt": context.attempt,
+        "duration": duration,
+    }
+    if error is None:
+        logger.debug(
+            "task %s [%s] succeeded in %.3fs", context.name, context.id, duration, extra=extra
+        )
+        return Outcome("succeeded", value=value, attempt=context.attempt, duration=duration)
     if policy.should_retry(error, context.attempt):
         delay = policy.retry_delay(context.attempt)
         logger.warning(
@@ -79,6 +100,7 @@ def _decide(context: TaskContext, policy: Policy, error: Exception, started: flo
             type(error).__name__,
             error,
             delay,
+            extra=extra,
         )
         return Outcome(
             "retry", error=error, retry_in=delay, attempt=context.attempt, duration=duration
@@ -90,8 +112,40 @@ def _decide(context: TaskContext, policy: Policy, error: Exception, started: flo
         context.attempt,
         context.backend,
         exc_info=error,
+        extra=extra,
     )
     return Outcome("failed", error=error, attempt=context.attempt, duration=duration)
+
+
+def _hook_calls(task: Task[..., Any], context: TaskContext, outcome: Outcome) -> list[Any]:
+    """Call the task's and the bridge's hooks for `outcome`; return what they returned
+    (awaitables, for async hooks, which the caller awaits). A failing hook is logged only."""
+    handle = TaskHandle(context.id, context.name, context.backend)
+    if outcome.state == "succeeded":
+        hooks, payload = task.hooks.on_success + task.bridge.hooks.on_success, outcome.value
+    elif outcome.state == "retry":
+        hooks, payload = task.hooks.on_retry + task.bridge.hooks.on_retry, outcome.error
+    else:
+        hooks, payload = task.hooks.on_failure + task.bridge.hooks.on_failure, outcome.error
+    pending = []
+    for hook in hooks:
+        try:
+            result = hook(handle, payload)
+        except Exception:
+            logger.exception(
+                "%s hook %r of task %s [%s] failed", outcome.state, hook, context.name, context.id
+            )
+            continue
+        if inspect.isawaitable(result):
+            pending.append(_guarded(result, hook, context))
+    return pending
+
+
+async def _guarded(awaitable: Awaitable[Any], hook: object, context: TaskContext) -> None:
+    try:
+        await awaitable
+    except Exception:
+        logger.exception("hook %r of task %s [%s] failed", hook, context.name, context.id)
 
 
 async def _with_timeout(awaitable: Awaitable[Any], timeout: float | None) -> Any:
@@ -128,12 +182,15 @@ async def run(
                 policy.timeout,
             )
     except Exception as error:
-        return _decide(context, policy, error, started)
+        outcome = _outcome(context, policy, started, error=error)
+    else:
+        outcome = _outcome(context, policy, started, value=value)
     finally:
         _current.reset(token)
-    return Outcome(
-        "succeeded", value=value, attempt=attempt, duration=time.perf_counter() - started
-    )
+    if task.hooks or task.bridge.hooks:
+        for pending in _hook_calls(task, context, outcome):
+            await pending
+    return outcome
 
 
 async def run_with_retries(
@@ -216,9 +273,12 @@ def run_blocking(
         else:
             value = task.func(*args, **kwargs)
     except Exception as error:
-        return _decide(context, policy, error, started)
+        outcome = _outcome(context, policy, started, error=error)
+    else:
+        outcome = _outcome(context, policy, started, value=value)
     finally:
         _current.reset(token)
-    return Outcome(
-        "succeeded", value=value, attempt=attempt, duration=time.perf_counter() - started
-    )
+    if task.hooks or task.bridge.hooks:
+        for pending in _hook_calls(task, context, outcome):
+            _thread_loop().run_until_complete(pending)
+    return outcome

@@ -15,13 +15,54 @@ from ._policy import Policy, check_policy_fields
 if TYPE_CHECKING:
     from ._bridge import TaskBridge
 
-__all__ = ["Task", "TaskCall"]
+__all__ = ["Hook", "HookRegistry", "Hooks", "Task", "TaskCall"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class Task(Generic[P, R]):
+Hook = Callable[[TaskHandle, Any], Any]
+"""`hook(handle, value_or_error)`; may be `async def`. Failures in hooks are logged only."""
+H = TypeVar("H", bound=Hook)
+
+
+@dataclass
+class Hooks:
+    """Callbacks run by the runner after an attempt, wherever the task ran."""
+
+    on_success: list[Hook] = field(default_factory=list)
+    """`hook(handle, value)` after a successful attempt."""
+    on_failure: list[Hook] = field(default_factory=list)
+    """`hook(handle, error)` after the last attempt failed."""
+    on_retry: list[Hook] = field(default_factory=list)
+    """`hook(handle, error)` after an attempt failed that will be retried."""
+
+    def __bool__(self) -> bool:
+        return bool(self.on_success or self.on_failure or self.on_retry)
+
+
+class HookRegistry:
+    """Decorators that register hooks: `@thing.on_failure`, `@thing.on_success`, ..."""
+
+    hooks: Hooks
+
+    def on_success(self, hook: H) -> H:
+        """Register `hook(handle, value)`, run after a successful attempt."""
+        self.hooks.on_success.append(hook)
+        return hook
+
+    def on_failure(self, hook: H) -> H:
+        """Register `hook(handle, error)`, run once the last attempt failed."""
+        self.hooks.on_failure.append(hook)
+        return hook
+
+    def on_retry(self, hook: H) -> H:
+        """Register `hook(handle, error)`, run after a failed attempt that will be retried."""
+        self.hooks.on_retry.append(hook)
+        return hook
+
+
+class Task(HookRegistry, Generic[P, R]):
     """A function registered on a bridge, with its policy.
 
     Calling it runs the function here and now; `add_task`, `enqueue` and the workers run it
@@ -35,12 +76,14 @@ class Task(Generic[P, R]):
         name: str,
         decorator_policy: Mapping[str, Any],
         using: Mapping[str, Any] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.bridge = bridge
         self.func = func
         self.name = name
         self.decorator_policy: Mapping[str, Any] = dict(decorator_policy)
         self.using_policy: Mapping[str, Any] = dict(using or {})
+        self.hooks = hooks if hooks is not None else Hooks()
         self.is_async = inspect.iscoroutinefunction(func)
         self.signature = inspect.signature(func)
         functools.update_wrapper(self, func)
@@ -56,7 +99,7 @@ class Task(Generic[P, R]):
         Settings routes still win over these, so a deployment can override code.
         """
         merged = {**self.using_policy, **check_policy_fields(overrides, f"{self.name}.using()")}
-        return Task(self.bridge, self.func, self.name, self.decorator_policy, merged)
+        return Task(self.bridge, self.func, self.name, self.decorator_policy, merged, self.hooks)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)

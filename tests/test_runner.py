@@ -163,3 +163,76 @@ def test_the_decorated_function_still_runs_directly(bridge: TaskBridge) -> None:
 
     assert add(2, 3) == 5
     assert add.__name__ == "add" and add.name.endswith("add")
+
+
+async def test_hooks_run_per_task_and_bridge_wide(
+    bridge: TaskBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    from taskbridge import TaskHandle
+
+    events: list[Any] = []
+
+    @bridge.task(retries=1, retry_backoff=0)
+    def flaky(fail_times: int) -> str:
+        context = current_task()
+        assert context is not None
+        if context.attempt <= fail_times:
+            raise ValueError(f"attempt {context.attempt}")
+        return "ok"
+
+    @flaky.on_retry
+    def task_retry(handle: TaskHandle, error: BaseException) -> None:
+        events.append(("task retry", handle.id, str(error)))
+
+    @flaky.on_success
+    async def task_success(handle: TaskHandle, value: Any) -> None:
+        await asyncio.sleep(0)
+        events.append(("task success", handle.id, value))
+
+    @bridge.on_failure
+    async def bridge_failure(handle: TaskHandle, error: BaseException) -> None:
+        events.append(("bridge failure", handle.id, handle.task_name, str(error)))
+
+    @bridge.on_failure
+    def broken_hook(handle: TaskHandle, error: BaseException) -> None:
+        raise RuntimeError("hook bug")
+
+    ok = await run_with_retries(flaky, [1], {}, call_id="c1", policy=flaky.policy)
+    failed = await run_with_retries(flaky, [5], {}, call_id="c2", policy=flaky.policy)
+    assert (ok.state, failed.state) == ("succeeded", "failed")
+    assert events == [
+        ("task retry", "c1", "attempt 1"),
+        ("task success", "c1", "ok"),
+        ("task retry", "c2", "attempt 1"),
+        ("bridge failure", "c2", flaky.name, "attempt 2"),
+    ]
+    assert any("hook" in r.getMessage() and "c2" in r.getMessage() for r in caplog.records)
+    # the blocking runner fires the same hooks, async ones on its thread loop
+    events.clear()
+
+    def blocking_worker() -> str:  # as a Celery worker thread would
+        try:
+            return run_blocking(flaky, [0], {}, call_id="c3", policy=flaky.policy).state
+        finally:
+            close_thread_loop()
+
+    assert await asyncio.to_thread(blocking_worker) == "succeeded"
+    assert events == [("task success", "c3", "ok")]
+
+
+async def test_failures_are_logged_with_structured_fields(
+    bridge: TaskBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    @bridge.task
+    def broken() -> None:
+        raise KeyError("x")
+
+    await run(broken, [], {}, call_id="id-9", policy=broken.policy, attempt=2)
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert (record.task_name, record.task_id, record.backend, record.attempt) == (  # type: ignore[attr-defined]
+        broken.name,
+        "id-9",
+        "inprocess",
+        2,
+    )
+    assert record.duration >= 0  # type: ignore[attr-defined]
