@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ParamSpec, TypeVar, overload
 
 from fastapi import FastAPI
@@ -71,6 +71,38 @@ class TaskBridge(HookRegistry):
                 routes.append((pattern, checked))
             self._settings, self._routes = settings, routes
         return self._settings
+
+    @contextmanager
+    def override(self, **values: Any) -> Iterator[None]:
+        """Use these settings (over the current ones) inside the block, then restore.
+
+        For tests: `with bridge.override(routes={"*": "immediate"}):`. Backends built for the
+        overridden settings are dropped at the end; close them first if they were opened.
+        """
+        saved = (
+            self._settings_source,
+            self._settings,
+            self._routes,
+            self._backends,
+            self._resolved,
+            self._opened,
+        )
+        base = self.settings.model_dump(exclude_unset=True)
+        self._settings_source = {**base, **values}
+        self._settings, self._routes, self._backends, self._resolved = None, [], {}, {}
+        self._opened = False
+        try:
+            self.settings  # noqa: B018 - validates the override now, in the caller
+            yield
+        finally:
+            (
+                self._settings_source,
+                self._settings,
+                self._routes,
+                self._backends,
+                self._resolved,
+                self._opened,
+            ) = saved
 
     def route_for(self, task_name: str) -> tuple[str, dict[str, Any]] | None:
         """The first settings route whose glob matches `task_name`, as (pattern, fields)."""

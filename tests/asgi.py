@@ -28,6 +28,7 @@ async def call(app: ASGIApp, method: str, path: str, events: list[Any]) -> int:
         elif message["type"] == "http.response.body" and not message.get("more_body"):
             events.append(("response-complete", status))
 
+    path, _, query = path.partition("?")
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -35,7 +36,7 @@ async def call(app: ASGIApp, method: str, path: str, events: list[Any]) -> int:
         "method": method,
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "headers": [],
         "client": ("127.0.0.1", 1234),
         "server": ("testserver", 80),
