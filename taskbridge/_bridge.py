@@ -231,6 +231,11 @@ class TaskBridge(HookRegistry):
             self._backends[alias] = found
         return found
 
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        """The backends built so far (after `validate`, every one in use), by alias."""
+        return dict(self._backends)
+
     def validate(self) -> None:
         """Check settings, backends and every task's route; raise ConfigurationError if wrong."""
         settings = self.settings

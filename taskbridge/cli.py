@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import os
@@ -11,10 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._bridge import TaskBridge
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, TaskBridgeError
 from ._policy import POLICY_FIELDS, Policy
 
-__all__ = ["describe_tasks", "load_bridge", "main"]
+__all__ = ["check_bridge", "describe_tasks", "load_bridge", "main"]
 
 _DEFAULTS = Policy()
 
@@ -68,6 +69,31 @@ def _tasks(arguments: argparse.Namespace) -> int:
     return 0
 
 
+async def check_bridge(bridge: TaskBridge) -> tuple[bool, str]:
+    """Validate settings, connect to every backend in use and ping it; (all ok, report)."""
+    bridge.validate()
+    lines = [describe_tasks(bridge), ""]
+    healthy = True
+    try:
+        await bridge.open()
+        for alias, backend in sorted(bridge.backends.items()):
+            try:
+                async with asyncio.timeout(bridge.settings.dispatch_timeout):
+                    lines.append(f"backend {alias}: ok ({await backend.ping()})")
+            except (TaskBridgeError, OSError, TimeoutError) as exc:
+                healthy = False
+                lines.append(f"backend {alias}: FAILED ({type(exc).__name__}: {exc})")
+    finally:
+        await bridge.close()
+    return healthy, "\n".join(lines)
+
+
+def _check(arguments: argparse.Namespace) -> int:
+    healthy, report = asyncio.run(check_bridge(load_bridge(arguments.bridge)))
+    print(report)
+    return 0 if healthy else 1
+
+
 def _worker(arguments: argparse.Namespace, rest: list[str]) -> int:
     bridge = load_bridge(arguments.bridge)
     bridge.validate()
@@ -87,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     tasks = commands.add_parser("tasks", help="list tasks with their effective routing")
     tasks.add_argument("bridge", help="module:attribute of the TaskBridge (or the FastAPI app)")
+    check = commands.add_parser(
+        "check",
+        help="validate settings, connect to every broker, show routing; exit 1 if one is down",
+    )
+    check.add_argument("bridge", help="module:attribute of the TaskBridge (or the FastAPI app)")
     worker = commands.add_parser(
         "worker",
         help="run a worker for a backend's tasks",
@@ -110,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _worker(arguments, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if arguments.command == "check":
+            return _check(arguments)
         return _tasks(arguments)
     except ConfigurationError as exc:
         print(f"taskbridge: error: {exc}", file=sys.stderr)

@@ -73,3 +73,44 @@ def test_worker_for_a_backend_without_workers_says_so(tmp_path: Path) -> None:
     result = taskbridge(tmp_path, "worker", "rec", "myapp:bridge")
     assert result.returncode == 2
     assert "backend 'rec' (RecordingBackend) has no worker" in result.stderr
+
+
+DOWN = """
+from taskbridge import BackendUnavailable
+from taskbridge.backends import Backend
+
+
+class DownBackend(Backend):
+    async def enqueue(self, calls):
+        raise AssertionError("not used")
+
+    async def ping(self):
+        raise BackendUnavailable("broker at redis://u:***@host:1/0 refused", backend=self.alias)
+"""
+
+
+def test_check_reports_routes_and_backend_health_with_an_exit_code(tmp_path: Path) -> None:
+    ok = taskbridge(tmp_path, "check", "myapp:bridge")
+    assert ok.returncode == 0, ok.stderr
+    assert "backend rec: ok (no broker)" in ok.stdout
+    assert "myapp.build_report" in ok.stdout
+    (tmp_path / "downmod.py").write_text(
+        DOWN + "\nfrom taskbridge import TaskBridge\nbridge = TaskBridge()\n"
+    )
+    down = taskbridge(
+        tmp_path,
+        "check",
+        "downmod:bridge",
+        TASKBRIDGE_DEFAULT_BACKEND="down",
+        TASKBRIDGE_BACKENDS__DOWN__ENGINE="downmod:DownBackend",
+    )
+    assert down.returncode == 1
+    assert "backend down: FAILED (BackendUnavailable: broker at redis://u:***@host" in down.stdout
+
+
+def test_redact_url_hides_passwords_only() -> None:
+    from taskbridge.backends import redact_url
+
+    assert redact_url("amqp://guest:s3cret@mq:5672//") == "amqp://guest:***@mq:5672//"
+    assert redact_url("rediss://:pw@cache:6380/1") == "rediss://:***@cache:6380/1"
+    assert redact_url("redis://cache:6379/2") == "redis://cache:6379/2"

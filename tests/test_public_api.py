@@ -39,6 +39,7 @@ BACKEND_API = [
     "execution_fields",
     "load_backend_class",
     "normalize_arguments",
+    "redact_url",
     "run",
     "run_blocking",
     "run_with_retries",

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import BackgroundTasks
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -40,6 +41,7 @@ __all__ = [
     "execution_fields",
     "load_backend_class",
     "normalize_arguments",
+    "redact_url",
     "run",
     "run_blocking",
     "run_with_retries",
@@ -113,6 +115,13 @@ class Backend(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release connections; finish or hand back what is still pending."""
 
+    async def ping(self) -> str:
+        """Check the engine answers (after `open`); return a one-line description of it.
+
+        Raise BackendUnavailable when it does not. Never include passwords: see `redact_url`.
+        """
+        return "no broker"
+
     def defer_in_request(self, call: TaskCall, background: BackgroundTasks) -> bool:
         """Take a call inside a request at `add_task` time; return False to have it buffered.
 
@@ -140,6 +149,16 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.alias!r}>"
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***`, for logs, errors and CLI output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 def load_backend_class(engine: str) -> type[Backend]:
