@@ -9,20 +9,24 @@ from ._exceptions import (
     MessageError,
     TaskArgumentError,
     TaskBridgeError,
+    TaskCancelled,
+    TaskFailed,
     UnknownBackendError,
     UnknownTaskError,
 )
 from ._fastapi import TaskQueue, Tasks
 from ._handle import TaskHandle
 from ._policy import Policy
-from ._runner import TaskContext, current_task
+from ._runner import TaskContext, current_task, report_progress
 from ._settings import TaskBridgeSettings
+from ._status import CancelResult, TaskState, TaskStatus
 from ._task import Task
 
 __all__ = [
     "BackendError",
     "BackendUnavailable",
     "BridgeNotFoundError",
+    "CancelResult",
     "ConfigurationError",
     "MessageError",
     "Policy",
@@ -31,13 +35,18 @@ __all__ = [
     "TaskBridge",
     "TaskBridgeError",
     "TaskBridgeSettings",
+    "TaskCancelled",
     "TaskContext",
+    "TaskFailed",
     "TaskHandle",
     "TaskQueue",
+    "TaskState",
+    "TaskStatus",
     "Tasks",
     "UnknownBackendError",
     "UnknownTaskError",
     "current_task",
+    "report_progress",
 ]
 
 __version__ = "0.1.0"

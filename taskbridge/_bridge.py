@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ParamSpec, TypeVar, overload
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from ._codec import normalize_arguments
 from ._exceptions import (
@@ -21,9 +21,10 @@ from ._exceptions import (
 from ._handle import TaskHandle, new_task_id
 from ._policy import OnUnavailable, ResolvedPolicy, check_policy_fields
 from ._settings import TaskBridgeSettings, env_name, load_settings
+from ._status import CancelResult, TaskStatus
 from ._task import HookRegistry, Hooks, Task, TaskCall
 from .backends import Backend, load_backend_class
-from .backends._builtin import spawn_in_process
+from .backends._builtin import InProcessBackend, spawn_in_process
 
 __all__ = ["TaskBridge"]
 
@@ -336,7 +337,10 @@ class TaskBridge(HookRegistry):
             raise unavailable[0]
 
     def _run_here(self, call: TaskCall) -> None:
-        spawn_in_process(call)
+        backend = self.backend("inprocess")
+        assert isinstance(backend, InProcessBackend)
+        backend.reporter.queued(call)
+        spawn_in_process(call, backend.reporter)
 
     @staticmethod
     async def _send(
@@ -371,6 +375,59 @@ class TaskBridge(HookRegistry):
         backend, call = self.prepare(task, args, kwargs)
         await self.dispatch([(backend, call)])
         return call.handle
+
+    # -- handles --------------------------------------------------------------------------
+
+    def handle(self, task_id: str, backend: str | None = None) -> TaskHandle:
+        """A handle for a call dispatched earlier (by this or another process), by its id.
+
+        Without `backend`, each backend in use that keeps status is asked, in-process first.
+        """
+        return TaskHandle(task_id, None, backend, self)
+
+    def _status_backends(self, preferred: str | None) -> list[Backend]:
+        """Backends that keep status: the preferred one first, then in-process ones."""
+        return sorted(
+            (b for b in self._backends.values() if b.supports_status),
+            key=lambda b: (b.alias != preferred, not b.runs_in_process),
+        )
+
+    async def status(self, handle: TaskHandle) -> TaskStatus:
+        """What the backends know of the call behind `handle` ("unknown" when none does).
+
+        The handle's own backend is asked first, then the others: a call that fell back to
+        in-process execution (on_unavailable="inprocess") is found there.
+        """
+        if not self._opened:
+            await self.open()
+        for backend in self._status_backends(handle.backend):
+            found = await backend.status(handle.id)
+            if found is not None:
+                return found
+        return TaskStatus(id=handle.id, task_name=handle.task_name, backend=handle.backend)
+
+    async def cancel(self, handle: TaskHandle) -> CancelResult:
+        """Cancel the call behind `handle` on the backend that has it."""
+        if not self._opened:
+            await self.open()
+        for backend in self._status_backends(handle.backend):
+            if await backend.status(handle.id) is not None:
+                return await backend.cancel(handle.id)
+        if handle.backend is not None:
+            return await self.backend(handle.backend).cancel(handle.id)
+        return CancelResult(
+            id=handle.id, cancelled=False, state="unknown", detail="no backend knows this call"
+        )
+
+    def router(self, **options: Any) -> APIRouter:
+        """An APIRouter with `GET /tasks/{task_id}` and `DELETE /tasks/{task_id}`.
+
+        Keyword arguments go to APIRouter (`prefix` defaults to "/tasks", `tags` to ["tasks"]);
+        protect it like any router, e.g. `dependencies=[Depends(require_admin)]`.
+        """
+        from ._router import build_router
+
+        return build_router(self, **options)
 
     # -- FastAPI --------------------------------------------------------------------------
 

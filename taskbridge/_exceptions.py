@@ -7,6 +7,8 @@
     ├── TaskArgumentError (TypeError) a call's arguments cannot be sent (at add_task time)
     ├── UnknownTaskError (LookupError) a worker got a message for a task it does not know
     ├── MessageError (ValueError)     a message cannot be decoded
+    ├── TaskFailed                    `handle.result()` of a call that failed (type, message)
+    ├── TaskCancelled                 `handle.result()` of a call that was cancelled
     └── BackendError                  an engine failed at run time
         └── BackendUnavailable        the broker did not accept the calls in time (also an
                                       HTTPException: FastAPI answers 503 + Retry-After)
@@ -27,6 +29,8 @@ __all__ = [
     "MessageError",
     "TaskArgumentError",
     "TaskBridgeError",
+    "TaskCancelled",
+    "TaskFailed",
     "UnknownBackendError",
     "UnknownTaskError",
 ]
@@ -74,6 +78,28 @@ class UnknownTaskError(TaskBridgeError, LookupError):
 
 class MessageError(TaskBridgeError, ValueError):
     """A queued message is malformed, truncated or not JSON."""
+
+
+class TaskFailed(TaskBridgeError):
+    """The call failed; raised by `handle.result()`. `error_type` and `error_message` are the
+    task's own exception's qualified type name and message (it may have run in another process).
+    """
+
+    def __init__(self, task_id: str, task_name: str | None, error_type: str, message: str) -> None:
+        super().__init__(f"task {task_name or '?'} [{task_id}] failed: {error_type}: {message}")
+        self.task_id = task_id
+        self.task_name = task_name
+        self.error_type = error_type
+        self.error_message = message
+
+
+class TaskCancelled(TaskBridgeError):
+    """The call was cancelled; raised by `handle.result()`."""
+
+    def __init__(self, task_id: str, task_name: str | None) -> None:
+        super().__init__(f"task {task_name or '?'} [{task_id}] was cancelled")
+        self.task_id = task_id
+        self.task_name = task_name
 
 
 class BackendError(TaskBridgeError):

@@ -11,7 +11,6 @@ from ._bridge import TaskBridge
 from ._handle import TaskHandle, new_task_id
 from ._task import Task, TaskCall
 from .backends import Backend
-from .backends._builtin import run_in_process
 
 __all__ = ["TaskQueue", "Tasks"]
 
@@ -43,7 +42,10 @@ class TaskQueue:
             return call.handle
         self._background.add_task(func, *args, **kwargs)
         name = getattr(func, "__qualname__", None) or type(func).__qualname__
-        return TaskHandle(new_task_id(), f"{getattr(func, '__module__', None)}.{name}", "inprocess")
+        # plain callables are BackgroundTasks' own: their status is not tracked ("unknown")
+        return TaskHandle(
+            new_task_id(), f"{getattr(func, '__module__', None)}.{name}", None, self._bridge
+        )
 
     @property
     def pending(self) -> list[TaskCall]:
@@ -58,7 +60,7 @@ class TaskQueue:
 
     def _fallback(self, call: TaskCall) -> None:
         # the broker was down and the policy allows it: run after the response, like inprocess
-        self._background.add_task(run_in_process, call)
+        self._bridge.backend("inprocess").defer_in_request(call, self._background)
 
 
 async def _request_tasks(request: Request, background: BackgroundTasks) -> AsyncIterator[TaskQueue]:

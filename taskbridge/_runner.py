@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio.to_thread
 
@@ -27,9 +27,11 @@ from ._task import Task
 
 __all__ = [
     "Outcome",
+    "StatusReporter",
     "TaskContext",
     "close_thread_loop",
     "current_task",
+    "report_progress",
     "run",
     "run_blocking",
     "run_with_retries",
@@ -55,6 +57,45 @@ _current: ContextVar[TaskContext | None] = ContextVar("taskbridge_current_task",
 def current_task() -> TaskContext | None:
     """The call being executed in this context, or None outside a task."""
     return _current.get()
+
+
+class StatusReporter(Protocol):
+    """Where a backend records what the runner sees: start, progress and end of attempts."""
+
+    def started(self, context: TaskContext) -> None:
+        """An attempt started."""
+
+    def progress(self, context: TaskContext, fraction: float, message: str | None) -> None:
+        """The task reported progress."""
+
+    def finished(self, context: TaskContext, outcome: Outcome) -> None:
+        """An attempt ended (succeeded, failed for good, or to be retried)."""
+
+
+_reporter: ContextVar[StatusReporter | None] = ContextVar("taskbridge_reporter", default=None)
+
+
+def report_progress(fraction: float, message: str | None = None) -> None:
+    """From inside a task: record how far it got (0 to 1) and what it is doing.
+
+    The backend stores it where `handle.progress()` reads it. A no-op outside a task.
+    """
+    context, reporter = _current.get(), _reporter.get()
+    if context is None or reporter is None:
+        return
+    try:
+        reporter.progress(context, min(1.0, max(0.0, float(fraction))), message)
+    except Exception:
+        logger.exception("could not record progress of task %s [%s]", context.name, context.id)
+
+
+def _report(reporter: StatusReporter | None, event: str, *args: Any) -> None:
+    if reporter is None:
+        return
+    try:
+        getattr(reporter, event)(*args)
+    except Exception:
+        logger.exception("status reporter %r failed on %s", reporter, event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +204,7 @@ async def run(
     call_id: str,
     policy: Policy,
     attempt: int = 1,
+    reporter: StatusReporter | None = None,
 ) -> Outcome:
     """Execute one attempt on the running event loop; never raises for the task's own errors.
 
@@ -171,6 +213,8 @@ async def run(
     """
     context = TaskContext(call_id, task.name, attempt, policy.backend)
     token = _current.set(context)
+    reporter_token = _reporter.set(reporter)
+    _report(reporter, "started", context)
     started = time.perf_counter()
     try:
         if task.is_async:
@@ -187,6 +231,8 @@ async def run(
         outcome = _outcome(context, policy, started, value=value)
     finally:
         _current.reset(token)
+        _reporter.reset(reporter_token)
+    _report(reporter, "finished", context, outcome)
     if task.hooks or task.bridge.hooks:
         for pending in _hook_calls(task, context, outcome):
             await pending
@@ -200,11 +246,14 @@ async def run_with_retries(
     *,
     call_id: str,
     policy: Policy,
+    reporter: StatusReporter | None = None,
 ) -> Outcome:
     """Execute a call in this process, retrying after the policy's backoff until it settles."""
     attempt = 1
     while True:
-        outcome = await run(task, args, kwargs, call_id=call_id, policy=policy, attempt=attempt)
+        outcome = await run(
+            task, args, kwargs, call_id=call_id, policy=policy, attempt=attempt, reporter=reporter
+        )
         if outcome.state != "retry":
             return outcome
         await asyncio.sleep(outcome.retry_in or 0.0)
@@ -254,6 +303,7 @@ def run_blocking(
     call_id: str,
     policy: Policy,
     attempt: int = 1,
+    reporter: StatusReporter | None = None,
 ) -> Outcome:
     """Execute one attempt from synchronous code (a blocking worker such as Celery's).
 
@@ -263,6 +313,8 @@ def run_blocking(
     """
     context = TaskContext(call_id, task.name, attempt, policy.backend)
     token = _current.set(context)
+    reporter_token = _reporter.set(reporter)
+    _report(reporter, "started", context)
     started = time.perf_counter()
     try:
         if task.is_async:
@@ -278,6 +330,8 @@ def run_blocking(
         outcome = _outcome(context, policy, started, value=value)
     finally:
         _current.reset(token)
+        _reporter.reset(reporter_token)
+    _report(reporter, "finished", context, outcome)
     if task.hooks or task.bridge.hooks:
         for pending in _hook_calls(task, context, outcome):
             _thread_loop().run_until_complete(pending)

@@ -135,4 +135,4 @@ class TaskCall:
     @property
     def handle(self) -> TaskHandle:
         """The handle returned to the caller for this call."""
-        return TaskHandle(self.id, self.task.name, self.policy.backend)
+        return TaskHandle(self.id, self.task.name, self.policy.backend, self.task.bridge)

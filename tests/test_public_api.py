@@ -9,6 +9,7 @@ EXPECTED = [
     "BackendError",
     "BackendUnavailable",
     "BridgeNotFoundError",
+    "CancelResult",
     "ConfigurationError",
     "MessageError",
     "Policy",
@@ -17,22 +18,32 @@ EXPECTED = [
     "TaskBridge",
     "TaskBridgeError",
     "TaskBridgeSettings",
+    "TaskCancelled",
     "TaskContext",
+    "TaskFailed",
     "TaskHandle",
     "TaskQueue",
+    "TaskState",
+    "TaskStatus",
     "Tasks",
     "UnknownBackendError",
     "UnknownTaskError",
     "current_task",
+    "report_progress",
 ]
 
 BACKEND_API = [
     "Backend",
     "BackendOptions",
+    "CancelResult",
     "Outcome",
     "Policy",
+    "StatusReporter",
     "Task",
     "TaskCall",
+    "TaskContext",
+    "TaskErrorInfo",
+    "TaskStatus",
     "close_thread_loop",
     "decode_json",
     "encode_json",
@@ -43,6 +54,7 @@ BACKEND_API = [
     "run",
     "run_blocking",
     "run_with_retries",
+    "timestamp",
     "with_execution_fields",
 ]
 
@@ -58,6 +70,10 @@ def test_backend_author_api() -> None:
 
 
 def test_every_error_has_the_one_root() -> None:
-    errors = [getattr(taskbridge, n) for n in EXPECTED if n.endswith(("Error", "Unavailable"))]
+    errors = [
+        getattr(taskbridge, n)
+        for n in EXPECTED
+        if n.endswith(("Error", "Unavailable", "Failed", "Cancelled"))
+    ]
     assert all(issubclass(e, taskbridge.TaskBridgeError) for e in errors)
     assert issubclass(taskbridge.TaskArgumentError, TypeError)

@@ -21,8 +21,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .._codec import decode_json, encode_json, normalize_arguments
 from .._exceptions import ConfigurationError, UnknownBackendError
 from .._policy import Policy, execution_fields, with_execution_fields
-from .._runner import Outcome, close_thread_loop, run, run_blocking, run_with_retries
+from .._runner import (
+    Outcome,
+    StatusReporter,
+    TaskContext,
+    close_thread_loop,
+    run,
+    run_blocking,
+    run_with_retries,
+)
 from .._settings import env_name
+from .._status import CancelResult, TaskErrorInfo, TaskStatus, timestamp
 from .._task import Task, TaskCall
 
 if TYPE_CHECKING:
@@ -31,10 +40,15 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "BackendOptions",
+    "CancelResult",
     "Outcome",
     "Policy",
+    "StatusReporter",
     "Task",
     "TaskCall",
+    "TaskContext",
+    "TaskErrorInfo",
+    "TaskStatus",
     "close_thread_loop",
     "decode_json",
     "encode_json",
@@ -45,6 +59,7 @@ __all__ = [
     "run",
     "run_blocking",
     "run_with_retries",
+    "timestamp",
     "with_execution_fields",
 ]
 
@@ -83,6 +98,10 @@ class Backend(ABC):
     """Honours `queue` (named queues on the engine)."""
     supports_worker: ClassVar[bool] = False
     """Has a worker started by `taskbridge worker ALIAS`."""
+    supports_status: ClassVar[bool] = False
+    """Answers `status(id)` (state, result, progress, timestamps)."""
+    supports_cancel: ClassVar[bool] = False
+    """Can cancel calls that have not started; see `cancel` for running ones."""
     options_model: ClassVar[type[BackendOptions]] = BackendOptions
     """The pydantic model the alias's options are validated with."""
 
@@ -136,6 +155,20 @@ class Backend(ABC):
 
         Raise BackendUnavailable when the engine cannot be reached.
         """
+
+    async def status(self, task_id: str) -> TaskStatus | None:
+        """What the engine knows of `task_id`, or None when it knows nothing of it."""
+        return None
+
+    async def cancel(self, task_id: str) -> CancelResult:
+        """Cancel `task_id`: queued calls must never start; running ones stop where the engine
+        allows. The answer says which happened, or why nothing could be done."""
+        return CancelResult(
+            id=task_id,
+            cancelled=False,
+            state="unknown",
+            detail=f"backend {self.alias!r} ({type(self).__name__}) cannot cancel calls",
+        )
 
     def add_worker_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
         """Add the engine's own options to `taskbridge worker ALIAS`."""

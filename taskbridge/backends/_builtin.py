@@ -3,46 +3,206 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 from fastapi import BackgroundTasks
+from pydantic import Field
 
-from .._runner import run_with_retries
+from .._runner import Outcome, TaskContext, run_with_retries
+from .._status import CancelResult, MemoryStatusStore, TaskErrorInfo, TaskStatus, timestamp
 from .._task import TaskCall
-from . import Backend
+from . import Backend, BackendOptions
 
 __all__ = [
     "ImmediateBackend",
     "InProcessBackend",
+    "MemoryReporter",
     "RecordingBackend",
     "run_in_process",
     "spawn_in_process",
 ]
 
 
-async def run_in_process(call: TaskCall) -> None:
-    """Run a call here, after its delay, retrying as its policy says; failures are logged."""
-    if call.policy.delay:
-        await asyncio.sleep(call.policy.delay)
-    await run_with_retries(call.task, call.args, call.kwargs, call_id=call.id, policy=call.policy)
+def _json_or_repr(value: Any) -> Any:
+    """Results of in-process tasks are kept as JSON when they are JSON, else as their repr."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def error_info(error: BaseException) -> TaskErrorInfo:
+    """The travelling form of an exception: qualified type name and message."""
+    kind = type(error)
+    return TaskErrorInfo(type=f"{kind.__module__}.{kind.__qualname__}", message=str(error))
+
+
+class MemoryReporter:
+    """Records attempts of in-process calls in the bridge's MemoryStatusStore."""
+
+    def __init__(self, store: MemoryStatusStore) -> None:
+        self.store = store
+
+    def queued(self, call: TaskCall) -> None:
+        self.store.update(
+            call.id,
+            task_name=call.name,
+            backend=call.policy.backend,
+            state="queued",
+            enqueued_at=timestamp(call.enqueued_at),
+        )
+
+    def started(self, context: TaskContext) -> None:
+        self.store.update(
+            context.id,
+            task_name=context.name,
+            backend=context.backend,
+            state="running",
+            attempts=context.attempt,
+            started_at=timestamp(time.time()),
+        )
+
+    def progress(self, context: TaskContext, fraction: float, message: str | None) -> None:
+        self.store.update(context.id, progress=fraction, progress_message=message)
+
+    def finished(self, context: TaskContext, outcome: Outcome) -> None:
+        if outcome.state == "succeeded":
+            self.store.update(
+                context.id,
+                state="succeeded",
+                result=_json_or_repr(outcome.value),
+                error=None,
+                finished_at=timestamp(time.time()),
+            )
+        elif outcome.state == "retry":
+            assert outcome.error is not None
+            self.store.update(context.id, state="retrying", error=error_info(outcome.error))
+        else:
+            assert outcome.error is not None
+            self.store.update(
+                context.id,
+                state="failed",
+                error=error_info(outcome.error),
+                finished_at=timestamp(time.time()),
+            )
+
+    def cancelled(self, task_id: str) -> None:
+        self.store.update(task_id, state="cancelled", finished_at=timestamp(time.time()))
+
+
+# Calls of `async def` tasks running in this process, so `cancel` can reach them.
+_cancellable: dict[str, asyncio.Task[Any]] = {}
+_cancel_requested: set[str] = set()
+
+
+async def run_in_process(call: TaskCall, reporter: MemoryReporter) -> None:
+    """Run a call here, after its delay, retrying as its policy says; failures are logged.
+
+    A call cancelled before it starts does not run; a running `async def` call is cancelled.
+    """
+    known = reporter.store.get(call.id)
+    if known is not None and known.state == "cancelled":
+        return
+    current = asyncio.current_task()
+    assert current is not None
+    if call.task.is_async or call.policy.delay:
+        _cancellable[call.id] = current
+    try:
+        if call.policy.delay:
+            await asyncio.sleep(call.policy.delay)
+            if not call.task.is_async:
+                _cancellable.pop(call.id, None)
+        await run_with_retries(
+            call.task,
+            call.args,
+            call.kwargs,
+            call_id=call.id,
+            policy=call.policy,
+            reporter=reporter,
+        )
+    except asyncio.CancelledError:
+        if call.id not in _cancel_requested:
+            raise
+        current.uncancel()
+        reporter.cancelled(call.id)
+    finally:
+        _cancellable.pop(call.id, None)
+        _cancel_requested.discard(call.id)
 
 
 _spawned: set[asyncio.Task[None]] = set()
 
 
-def spawn_in_process(call: TaskCall) -> asyncio.Task[None]:
+def spawn_in_process(call: TaskCall, reporter: MemoryReporter) -> asyncio.Task[None]:
     """Run a call as an asyncio task on the running loop (a reference is kept until it ends)."""
     task = asyncio.get_running_loop().create_task(
-        run_in_process(call), name=f"taskbridge:{call.name}"
+        run_in_process(call, reporter), name=f"taskbridge:{call.name}"
     )
     _spawned.add(task)
     task.add_done_callback(_spawned.discard)
     return task
 
 
-class InProcessBackend(Backend):
+class StoreOptions(BackendOptions):
+    """Options of the in-process backends: how much status they keep, and for how long."""
+
+    status_max_entries: int = Field(default=10_000, ge=1)
+    status_ttl: float = Field(default=3600.0, gt=0)
+
+
+class _StoreBackend(Backend):
+    """Calls run in this process; their status lives in a bounded in-memory store."""
+
+    supports_status: ClassVar[bool] = True
+    supports_cancel: ClassVar[bool] = True
+    options_model: ClassVar[type[BackendOptions]] = StoreOptions
+
+    def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
+        super().__init__(alias, options)
+        assert isinstance(self.options, StoreOptions)
+        self.reporter = MemoryReporter(
+            MemoryStatusStore(self.options.status_max_entries, self.options.status_ttl)
+        )
+
+    async def status(self, task_id: str) -> TaskStatus | None:
+        return self.reporter.store.get(task_id)
+
+    async def cancel(self, task_id: str) -> CancelResult:
+        known = await self.status(task_id)
+        if known is None:
+            return CancelResult(
+                id=task_id, cancelled=False, state="unknown", detail="no such call in this process"
+            )
+        if known.done:
+            return CancelResult(
+                id=task_id, cancelled=False, state=known.state, detail=f"already {known.state}"
+            )
+        if known.state == "queued" and task_id not in _cancellable:
+            self.reporter.cancelled(task_id)
+            return CancelResult(
+                id=task_id, cancelled=True, state="cancelled", detail="cancelled before it started"
+            )
+        running = _cancellable.get(task_id)
+        if running is not None:
+            _cancel_requested.add(task_id)
+            running.cancel()
+            return CancelResult(
+                id=task_id, cancelled=True, state="cancelled", detail="cancelled while running"
+            )
+        return CancelResult(
+            id=task_id,
+            cancelled=False,
+            state=known.state,
+            detail="a running def task in the API process cannot be interrupted; it will finish",
+        )
+
+
+class InProcessBackend(_StoreBackend):
     """Runs calls in the API process, after the response, like FastAPI's BackgroundTasks.
 
     Inside a request the call joins the request's own BackgroundTasks, in `add_task` order with
@@ -60,12 +220,14 @@ class InProcessBackend(Backend):
         self._running: set[asyncio.Task[None]] = set()
 
     def defer_in_request(self, call: TaskCall, background: BackgroundTasks) -> bool:
-        background.add_task(run_in_process, call)
+        self.reporter.queued(call)
+        background.add_task(run_in_process, call, self.reporter)
         return True
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
         for call in calls:
-            task = spawn_in_process(call)
+            self.reporter.queued(call)
+            task = spawn_in_process(call, self.reporter)
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -74,7 +236,7 @@ class InProcessBackend(Backend):
             await asyncio.gather(*self._running, return_exceptions=True)
 
 
-class ImmediateBackend(Backend):
+class ImmediateBackend(_StoreBackend):
     """Runs each call at dispatch, before the response is sent: for tests and scripts.
 
     Arguments go through the same JSON check as for a queue, so what passes here would travel.
@@ -85,10 +247,17 @@ class ImmediateBackend(Backend):
     supports_queues: ClassVar[bool] = True
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
+        reporter = self.reporter
         for call in calls:
+            reporter.queued(call)
             immediate = replace(call.policy, retry_backoff=0.0, retry_jitter=False, delay=None)
             await run_with_retries(
-                call.task, call.args, call.kwargs, call_id=call.id, policy=immediate
+                call.task,
+                call.args,
+                call.kwargs,
+                call_id=call.id,
+                policy=immediate,
+                reporter=reporter,
             )
 
 
@@ -96,11 +265,13 @@ class RecordingBackend(Backend):
     """Stores calls without running them, in dispatch order: a test double for any queue.
 
     Arguments are JSON-checked and normalised as for a real queue. Read `calls`; `clear()` it
-    between tests.
+    between tests. Recorded calls report `queued`; cancelling one removes it.
     """
 
     supports_delay: ClassVar[bool] = True
     supports_queues: ClassVar[bool] = True
+    supports_status: ClassVar[bool] = True
+    supports_cancel: ClassVar[bool] = True
 
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         super().__init__(alias, options)
@@ -112,3 +283,27 @@ class RecordingBackend(Backend):
     def clear(self) -> None:
         """Forget the recorded calls."""
         self.calls.clear()
+
+    def _find(self, task_id: str) -> TaskCall | None:
+        return next((call for call in self.calls if call.id == task_id), None)
+
+    async def status(self, task_id: str) -> TaskStatus | None:
+        call = self._find(task_id)
+        if call is None:
+            return None
+        return TaskStatus(
+            id=call.id,
+            task_name=call.name,
+            backend=self.alias,
+            state="queued",
+            enqueued_at=timestamp(call.enqueued_at),
+        )
+
+    async def cancel(self, task_id: str) -> CancelResult:
+        call = self._find(task_id)
+        if call is None:
+            return await super().cancel(task_id)
+        self.calls.remove(call)
+        return CancelResult(
+            id=task_id, cancelled=True, state="cancelled", detail="removed from the recording"
+        )

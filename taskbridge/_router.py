@@ -1,0 +1,52 @@
+"""`bridge.router()`: task status and cancellation over HTTP, with typed models for /docs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, HTTPException
+
+from ._status import CancelResult, TaskStatus
+
+if TYPE_CHECKING:
+    from ._bridge import TaskBridge
+
+__all__ = ["build_router"]
+
+
+def build_router(bridge: TaskBridge, **options: Any) -> APIRouter:
+    """Build the status router for `bridge` (see `TaskBridge.router`)."""
+    options.setdefault("prefix", "/tasks")
+    options.setdefault("tags", ["tasks"])
+    router = APIRouter(**options)
+
+    @router.get(
+        "/{task_id}",
+        response_model=TaskStatus,
+        summary="State, progress, result or error, and timestamps of a task call",
+        responses={404: {"description": "No backend knows this task id"}},
+    )
+    async def get_task(task_id: str) -> TaskStatus:
+        status = await bridge.handle(task_id).info()
+        if status.state == "unknown":
+            raise HTTPException(status_code=404, detail=f"no task call with id {task_id!r}")
+        return status
+
+    @router.delete(
+        "/{task_id}",
+        response_model=CancelResult,
+        summary="Cancel a task call",
+        responses={
+            404: {"description": "No backend knows this task id"},
+            409: {"description": "The call could not be cancelled (the body says why)"},
+        },
+    )
+    async def cancel_task(task_id: str) -> CancelResult:
+        result = await bridge.handle(task_id).cancel()
+        if result.state == "unknown":
+            raise HTTPException(status_code=404, detail=f"no task call with id {task_id!r}")
+        if not result.cancelled:
+            raise HTTPException(status_code=409, detail=result.detail)
+        return result
+
+    return router
