@@ -11,16 +11,18 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from fastapi import APIRouter, FastAPI
 
-from ._codec import normalize_arguments
+from ._codec import encode_json, normalize_arguments
 from ._exceptions import (
     BackendUnavailable,
     BridgeNotFoundError,
     ConfigurationError,
+    TaskArgumentError,
     UnknownTaskError,
 )
-from ._handle import TaskHandle, new_task_id
+from ._handle import TaskHandle, keyed_task_id, new_task_id
 from ._policy import OnUnavailable, ResolvedPolicy, check_policy_fields
 from ._settings import TaskBridgeSettings, env_name, load_settings
+from ._signing import Signer
 from ._status import CancelResult, TaskStatus
 from ._task import HookRegistry, Hooks, Task, TaskCall
 from .backends import Backend, load_backend_class
@@ -68,6 +70,11 @@ class TaskBridge(HookRegistry):
                     raise ConfigurationError(
                         f"{env_name('routes')}[{pattern!r}]: retry_on takes exception classes, "
                         "which settings cannot name; set it in the decorator"
+                    )
+                if "key" in checked:
+                    raise ConfigurationError(
+                        f"{env_name('routes')}[{pattern!r}]: key identifies one call; set it "
+                        "per call with .using(key=...)"
                     )
                 routes.append((pattern, checked))
             self._settings, self._routes = settings, routes
@@ -233,6 +240,12 @@ class TaskBridge(HookRegistry):
         return found
 
     @property
+    def signer(self) -> Signer | None:
+        """Signs and verifies queued messages when `signing_key` is set; None otherwise."""
+        key = self.settings.signing_key
+        return None if key is None else Signer(key.get_secret_value())
+
+    @property
     def backends(self) -> Mapping[str, Backend]:
         """The backends built so far (after `validate`, every one in use), by alias."""
         return dict(self._backends)
@@ -284,12 +297,21 @@ class TaskBridge(HookRegistry):
         """
         policy = self.resolve(task).policy
         backend = self.backend(policy.backend)
+        task_id = new_task_id() if policy.key is None else keyed_task_id(task.name, policy.key)
         if backend.runs_in_process:
             if self.settings.strict_arguments:
                 normalize_arguments(task.signature, task.name, args, kwargs)
-            return backend, TaskCall(new_task_id(), task, args, dict(kwargs), policy)
+            return backend, TaskCall(task_id, task, args, dict(kwargs), policy)
         json_args, json_kwargs = normalize_arguments(task.signature, task.name, args, kwargs)
-        return backend, TaskCall(new_task_id(), task, json_args, json_kwargs, policy)
+        limit = self.settings.max_argument_bytes
+        if limit is not None and (size := len(encode_json([json_args, json_kwargs]))) > limit:
+            raise TaskArgumentError(
+                f"task {task.name!r}: the arguments take {size} bytes as JSON, over the limit of "
+                f"{limit} ({env_name('max_argument_bytes')}); pass a reference (an id, a URL) "
+                "instead of the data",
+                task_name=task.name,
+            )
+        return backend, TaskCall(task_id, task, json_args, json_kwargs, policy)
 
     async def dispatch(
         self,

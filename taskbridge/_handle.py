@@ -13,12 +13,21 @@ from ._status import CancelResult, TaskState, TaskStatus
 if TYPE_CHECKING:
     from ._bridge import TaskBridge
 
-__all__ = ["TaskHandle", "new_task_id"]
+__all__ = ["TaskHandle", "keyed_task_id", "new_task_id"]
 
 
 def new_task_id() -> str:
     """A fresh task id: a UUID4 string, the form Celery and ARQ tooling expect."""
     return str(uuid.uuid4())
+
+
+_KEY_NAMESPACE = uuid.UUID("6f1f6d2e-63c1-4f0e-9b0a-7d1c5a7e2b10")
+
+
+def keyed_task_id(task_name: str, key: str) -> str:
+    """The id of the call of `task_name` with idempotency key `key`: the same for every
+    dispatch with that key, so a duplicate dispatch returns the first call's handle."""
+    return str(uuid.uuid5(_KEY_NAMESPACE, f"{task_name}\x00{key}"))
 
 
 class TaskHandle:

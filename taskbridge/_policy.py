@@ -47,6 +47,11 @@ class Policy:
     """Seconds to wait before the call may start; None starts as soon as possible."""
     on_unavailable: OnUnavailable = "fail"
     """What to do when the backend cannot accept the call: fail the request or run it in-process."""
+    key: str | None = None
+    """Idempotency key (per call, via `.using(key=...)`): a second dispatch of the same task with
+    the same key within `key_ttl` is a no-op that returns the first call's handle."""
+    key_ttl: float = 86400.0
+    """Seconds an idempotency key is remembered."""
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait after attempt `attempt` (1-based) failed, before the next one."""
@@ -95,6 +100,8 @@ class PolicyFields(BaseModel):
     timeout: float | None = Field(default=None, gt=0)
     delay: float | None = Field(default=None, ge=0)
     on_unavailable: OnUnavailable | None = None
+    key: str | None = Field(default=None, min_length=1, max_length=200)
+    key_ttl: float | None = Field(default=None, gt=0)
 
     @field_validator("retry_on", mode="before")
     @classmethod

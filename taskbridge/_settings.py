@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,6 +54,10 @@ class TaskBridgeSettings(BaseSettings):
     """Check in-process tasks' arguments for JSON too, to find what would break on a queue."""
     dispatch_timeout: float = Field(default=5.0, gt=0)
     """Seconds a request waits for a broker to accept its calls before failing."""
+    max_argument_bytes: int | None = Field(default=1_048_576, gt=0)
+    """Largest JSON size of one call's arguments for a queue; None for no limit."""
+    signing_key: SecretStr | None = Field(default=None, min_length=16)
+    """Secret for HMAC-signing queued messages; workers then reject unsigned or altered ones."""
     unavailable_retry_after: int = Field(default=5, ge=0)
     """Retry-After (seconds) of the 503 answered when a broker did not accept a request's calls."""
 

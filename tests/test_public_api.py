@@ -38,6 +38,7 @@ BACKEND_API = [
     "CancelResult",
     "Outcome",
     "Policy",
+    "Signer",
     "StatusReporter",
     "Task",
     "TaskCall",

@@ -31,6 +31,7 @@ from .._runner import (
     run_with_retries,
 )
 from .._settings import env_name
+from .._signing import Signer
 from .._status import CancelResult, TaskErrorInfo, TaskStatus, timestamp
 from .._task import Task, TaskCall
 
@@ -43,6 +44,7 @@ __all__ = [
     "CancelResult",
     "Outcome",
     "Policy",
+    "Signer",
     "StatusReporter",
     "Task",
     "TaskCall",

@@ -20,6 +20,7 @@ from . import Backend, BackendOptions
 __all__ = [
     "ImmediateBackend",
     "InProcessBackend",
+    "KeyGuard",
     "MemoryReporter",
     "RecordingBackend",
     "run_in_process",
@@ -95,6 +96,25 @@ class MemoryReporter:
         self.store.update(task_id, state="cancelled", finished_at=timestamp(time.time()))
 
 
+class KeyGuard:
+    """Remembers idempotency-keyed call ids for their key_ttl, in this process."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def admit(self, call: TaskCall) -> bool:
+        """False when a call with the same key (hence id) was admitted within its TTL."""
+        if call.policy.key is None:
+            return True
+        now = time.monotonic()
+        if self._until.get(call.id, 0.0) > now:
+            return False
+        if len(self._until) > 10_000:
+            self._until = {k: t for k, t in self._until.items() if t > now}
+        self._until[call.id] = now + call.policy.key_ttl
+        return True
+
+
 # Calls of `async def` tasks running in this process, so `cancel` can reach them.
 _cancellable: dict[str, asyncio.Task[Any]] = {}
 _cancel_requested: set[str] = set()
@@ -168,6 +188,7 @@ class _StoreBackend(Backend):
         self.reporter = MemoryReporter(
             MemoryStatusStore(self.options.status_max_entries, self.options.status_ttl)
         )
+        self.keys = KeyGuard()
 
     async def status(self, task_id: str) -> TaskStatus | None:
         return self.reporter.store.get(task_id)
@@ -220,12 +241,13 @@ class InProcessBackend(_StoreBackend):
         self._running: set[asyncio.Task[None]] = set()
 
     def defer_in_request(self, call: TaskCall, background: BackgroundTasks) -> bool:
-        self.reporter.queued(call)
-        background.add_task(run_in_process, call, self.reporter)
+        if self.keys.admit(call):
+            self.reporter.queued(call)
+            background.add_task(run_in_process, call, self.reporter)
         return True
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
-        for call in calls:
+        for call in filter(self.keys.admit, calls):
             self.reporter.queued(call)
             task = spawn_in_process(call, self.reporter)
             self._running.add(task)
@@ -248,7 +270,7 @@ class ImmediateBackend(_StoreBackend):
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
         reporter = self.reporter
-        for call in calls:
+        for call in filter(self.keys.admit, calls):
             reporter.queued(call)
             immediate = replace(call.policy, retry_backoff=0.0, retry_jitter=False, delay=None)
             await run_with_retries(
@@ -276,9 +298,10 @@ class RecordingBackend(Backend):
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         super().__init__(alias, options)
         self.calls: list[TaskCall] = []
+        self.keys = KeyGuard()
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
-        self.calls.extend(calls)
+        self.calls.extend(filter(self.keys.admit, calls))
 
     def clear(self) -> None:
         """Forget the recorded calls."""
