@@ -277,6 +277,8 @@ class WorkerProcess:
                 self.signal(signal.SIGKILL)
                 self.process.wait(timeout)
         self._reader.join(5)
+        if self.process.stdout is not None and not self._reader.is_alive():
+            self.process.stdout.close()
         return self.process.returncode
 
 

@@ -120,12 +120,13 @@ class TaskBridge(HookRegistry):
                 return pattern, fields
         return None
 
-    def resolve(self, task: Task[..., Any]) -> ResolvedPolicy:
+    def resolve(self, task: Task[..., Any], *, check: bool = True) -> ResolvedPolicy:
         """The effective policy of `task`, with the origin of each field.
 
         Precedence, highest first: settings route > `.using()` > decorator > default_backend.
+        With `check`, the backend is built and validates the policy (a ConfigurationError).
         """
-        cacheable = not task.using_policy
+        cacheable = not task.using_policy and check
         if cacheable and (hit := self._resolved.get(task.name)) is not None:
             return hit
         layers: list[tuple[str, Mapping[str, Any]]] = [
@@ -137,6 +138,8 @@ class TaskBridge(HookRegistry):
         if route is not None:
             layers.append((f"route {route[0]!r}", route[1]))
         resolved = ResolvedPolicy.from_layers(layers)
+        if not check:
+            return resolved
         self.backend(resolved.policy.backend).validate_policy(task.name, resolved.policy)
         if cacheable:
             self._resolved[task.name] = resolved

@@ -40,7 +40,13 @@ def load_bridge(target: str) -> TaskBridge:
     if isinstance(obj, TaskBridge):
         return obj
     if hasattr(obj, "state"):
-        return TaskBridge.of(obj)
+        # an app: attached already, or `FastAPI(lifespan=bridge.lifespan)`, or a module global
+        attached = getattr(obj.state, "taskbridge", None)
+        lifespan = getattr(getattr(obj, "router", None), "lifespan_context", None)
+        for candidate in (attached, getattr(lifespan, "__self__", None), *vars(module).values()):
+            if isinstance(candidate, TaskBridge):
+                return candidate
+        return TaskBridge.of(obj)  # raises BridgeNotFoundError, saying how to attach one
     raise ConfigurationError(f"{target!r} is a {type(obj).__name__}, not a TaskBridge or an app")
 
 
@@ -118,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate settings, connect to every broker, show routing; exit 1 if one is down",
     )
     check.add_argument("bridge", help="module:attribute of the TaskBridge (or the FastAPI app)")
+    dev = commands.add_parser(
+        "dev",
+        help="run the API (uvicorn --reload) and a worker per queue backend; Ctrl-C stops all",
+    )
+    dev.add_argument("app", help="module:attribute of the FastAPI app")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--no-reload", action="store_true", help="do not restart on code changes")
     worker = commands.add_parser(
         "worker",
         help="run a worker for a backend's tasks",
@@ -143,6 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if arguments.command == "check":
             return _check(arguments)
+        if arguments.command == "dev":
+            from ._dev import run_dev
+
+            bridge = load_bridge(arguments.app)
+            return run_dev(
+                arguments.app,
+                bridge,
+                host=arguments.host,
+                port=arguments.port,
+                reload=not arguments.no_reload,
+            )
         return _tasks(arguments)
     except ConfigurationError as exc:
         print(f"taskbridge: error: {exc}", file=sys.stderr)

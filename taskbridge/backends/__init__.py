@@ -172,6 +172,14 @@ class Backend(ABC):
             detail=f"backend {self.alias!r} ({type(self).__name__}) cannot cancel calls",
         )
 
+    @classmethod
+    def dev_options(cls, redis_url: str) -> dict[str, Any]:
+        """Options that point this engine at a throwaway Redis, for `taskbridge dev`.
+
+        Each key is an option of `options_model`; empty when the engine needs no broker.
+        """
+        return {}
+
     def add_worker_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
         """Add the engine's own options to `taskbridge worker ALIAS`."""
 
