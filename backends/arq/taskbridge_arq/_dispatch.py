@@ -1,0 +1,184 @@
+"""Enqueueing a batch of calls in one Redis round trip, as ARQ's `enqueue_job` would one by one.
+
+`ArqRedis.enqueue_job` takes three round trips per job (WATCH, EXISTS, MULTI/EXEC). The script
+below does the same per job server-side, atomically, for a whole batch in one EVALSHA: skip the
+job when its job key or result key exists (ARQ's de-duplication by job id), else PSETEX the job
+key with ARQ's expiry and ZADD the queue with the due time as score. It then PUBLISHes, once per
+queue, the earliest due time it added, which wakes idle workers at once (see `_wakeups`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from arq.constants import job_key_prefix, result_key_prefix
+
+from taskbridge import TaskArgumentError
+from taskbridge.backends import Policy, TaskCall, encode_json, execution_fields
+
+__all__ = [
+    "DEFAULT_EXECUTION_FIELDS",
+    "ENQUEUE_SCRIPT",
+    "POLICY_KWARG",
+    "WAKE_CHANNEL_PREFIX",
+    "GroupCommit",
+    "batch_arguments",
+    "job_payload",
+]
+
+POLICY_KWARG = "taskbridge.policy"
+"""Reserved key in the job's kwargs (`k`) carrying the dispatcher's execution policy (retries,
+backoff, timeout), as the fields that differ from `Policy()`'s defaults; the worker removes it
+before calling the task. It is not a Python identifier, so no named parameter can collide with
+it, and a call passing it through `**kwargs` is refused."""
+
+DEFAULT_EXECUTION_FIELDS = execution_fields(Policy())
+
+WAKE_CHANNEL_PREFIX = "taskbridge:wake:"
+"""Pub/sub channel `<prefix><queue name>` on which enqueues announce their earliest due time."""
+
+# KEYS: per job, its job key, result key and queue. ARGV[1]: the wake channel prefix; then per
+# job, its id, payload, expiry (ms) and score (due time, ms). Returns the ids it skipped.
+ENQUEUE_SCRIPT = """
+local skipped = {}
+local earliest = {}
+for i = 0, #KEYS / 3 - 1 do
+  local job_key, result_key, queue = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local id, score = ARGV[4 * i + 2], tonumber(ARGV[4 * i + 5])
+  if redis.call('EXISTS', job_key, result_key) == 0 then
+    redis.call('PSETEX', job_key, ARGV[4 * i + 4], ARGV[4 * i + 3])
+    redis.call('ZADD', queue, score, id)
+    if earliest[queue] == nil or score < earliest[queue] then
+      earliest[queue] = score
+    end
+  else
+    skipped[#skipped + 1] = id
+  end
+end
+for queue, score in pairs(earliest) do
+  redis.call('PUBLISH', ARGV[1] .. queue, string.format('%d', score))
+end
+return skipped
+"""
+
+
+def job_payload(call: TaskCall, enqueue_time_ms: int) -> bytes:
+    """The ARQ job dict for `call` as JSON: what `arq.jobs.serialize_job` builds, plus the
+    execution policy under POLICY_KWARG."""
+    if POLICY_KWARG in call.kwargs:
+        raise TaskArgumentError(
+            f"task {call.name!r}: the keyword argument {POLICY_KWARG!r} is reserved by the ARQ "
+            "backend; rename it",
+            task_name=call.name,
+            parameter=POLICY_KWARG,
+        )
+    carried = {
+        name: value
+        for name, value in execution_fields(call.policy).items()
+        if value != DEFAULT_EXECUTION_FIELDS[name]
+    }
+    kwargs = {**call.kwargs, POLICY_KWARG: carried}
+    job = {"t": None, "f": call.name, "a": call.args, "k": kwargs, "et": enqueue_time_ms}
+    return encode_json(job)
+
+
+def batch_arguments(
+    calls: Sequence[TaskCall], *, default_queue: str, now_ms: int, expires_extra_ms: int
+) -> tuple[list[str], list[Any]]:
+    """KEYS and per-job ARGV of ENQUEUE_SCRIPT for `calls` (the job id is the call's id);
+    ARGV[1], the wake channel prefix, is added by GroupCommit."""
+    keys: list[str] = []
+    argv: list[Any] = []
+    for call in calls:
+        delay_ms = round(call.policy.delay * 1000) if call.policy.delay else 0
+        keys += [
+            job_key_prefix + call.id,
+            result_key_prefix + call.id,
+            call.policy.queue or default_queue,
+        ]
+        argv += [
+            call.id,
+            job_payload(call, now_ms),
+            delay_ms + expires_extra_ms,
+            now_ms + delay_ms,
+        ]
+    return keys, argv
+
+
+Send = Callable[[list[str], list[Any]], Awaitable[list[bytes]]]
+_Waiting = tuple[list[str], list[Any], "asyncio.Future[set[str]]"]
+_Entry = tuple[list[str], list[Any], "asyncio.Future[set[str]] | None"]
+
+
+class GroupCommit:
+    """Sends concurrent dispatches together: while one script call is in flight, the batches
+    that arrive meanwhile wait, then go in one call. A dispatch that finds nothing in flight
+    sends at once, itself (no task hop). Under load this saves the API process a send and a
+    receive per request, when it is busiest."""
+
+    def __init__(self, send: Send, most_jobs: int = 500) -> None:
+        self._send = send
+        self._most_jobs = most_jobs
+        self._waiting: deque[_Waiting] = deque()
+        self._busy = False
+        self._sender: asyncio.Task[None] | None = None
+
+    async def submit(self, keys: list[str], argv: list[Any]) -> set[str]:
+        """Have one batch sent; return the ids of the jobs in the call that were skipped."""
+        if self._busy:
+            future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+            self._waiting.append((keys, argv, future))
+            return await future
+        self._busy = True
+        try:
+            return await self._send_group([(keys, argv, None)])
+        finally:
+            self._busy = False
+            if self._waiting:
+                self._busy = True
+                self._sender = asyncio.get_running_loop().create_task(
+                    self._send_waiting(), name="taskbridge-arq:enqueue"
+                )
+
+    async def wait_idle(self) -> None:
+        """Wait for batches in flight (at close)."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+
+    async def _send_group(self, group: Sequence[_Entry]) -> set[str]:
+        keys = [key for entry in group for key in entry[0]]
+        argv = [WAKE_CHANNEL_PREFIX, *(arg for entry in group for arg in entry[1])]
+        return {job_id.decode() for job_id in await self._send(keys, argv)}
+
+    async def _send_waiting(self) -> None:
+        try:
+            while self._waiting:
+                group: list[_Waiting] = []
+                jobs = 0
+                while self._waiting:
+                    size = len(self._waiting[0][0]) // 3  # three keys per job
+                    if group and jobs + size > self._most_jobs:
+                        break  # a script blocks Redis while it runs: keep each one short
+                    group.append(self._waiting.popleft())
+                    jobs += size
+                try:
+                    skipped = await self._send_group(group)
+                except asyncio.CancelledError:
+                    for _, _, future in group:
+                        future.cancel()
+                    raise
+                except Exception as exc:
+                    for _, _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for _, _, future in group:
+                    if not future.done():
+                        future.set_result(skipped)
+        finally:
+            self._busy, self._sender = False, None
+            while self._waiting:  # only when cancelled: nobody will send these
+                self._waiting.popleft()[2].cancel()

@@ -1,0 +1,81 @@
+"""The options of an ARQ backend alias (`TASKBRIDGE_BACKENDS__ARQ__*`), named as ARQ names them."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+
+from taskbridge.backends import BackendOptions, redact_url
+
+__all__ = ["DEFAULT_QUEUE", "ArqOptions"]
+
+DEFAULT_QUEUE = "taskbridge:queue"
+"""Not ARQ's `arq:queue`: a pickle-based ARQ worker on the same database would take taskbridge's
+JSON jobs and fail them, and a taskbridge worker would reject its pickled ones."""
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+class ArqOptions(BackendOptions):
+    """Options of an ARQ alias. Durations are in seconds unless the name says otherwise."""
+
+    redis_url: str = Field(min_length=1)
+    """`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS, or `unix:///path?db=N`."""
+    queue_name: str = Field(default=DEFAULT_QUEUE, min_length=1)
+    """Queue for tasks whose policy names none; a worker serves one queue (`--queue`)."""
+    max_jobs: int = Field(default=10, ge=1)
+    """Jobs a worker runs at once."""
+    job_timeout: float = Field(default=300.0, gt=0)
+    """Longest an attempt may run; a task's own `timeout` must not exceed it. It also bounds the
+    lock ARQ holds on a running job (its in-progress key lives `job_timeout` + 11 s)."""
+    keep_result: float = Field(default=3600.0, ge=0)
+    """How long a finished job's result (or error) stays readable; 0 keeps none."""
+    keep_result_forever: bool = False
+    """Keep results without expiry."""
+    max_tries: int = Field(default=5, ge=1)
+    """Ceiling on tries of one job, counting tries cut short by a worker shutdown; a task's
+    `retries + 1` raises it for that task."""
+    poll_delay: float = Field(default=0.5, gt=0)
+    """Longest a worker waits between polls; new jobs wake it at once (see the README)."""
+    queue_read_limit: int | None = Field(default=None, ge=1)
+    """Job ids read per poll; ARQ's default is max(max_jobs * 5, 100)."""
+    expires_extra_ms: int = Field(default=86_400_000, gt=0)
+    """A job not started this long after it was due is dropped (ARQ's default: one day)."""
+    health_check_interval: float = Field(default=3600.0, gt=0)
+    """How often a worker writes its health-check key."""
+    health_check_key: str | None = Field(default=None, min_length=1)
+    """Health-check key; ARQ's default is `<queue>:health-check`."""
+    job_completion_wait: int = Field(default=0, ge=0)
+    """Seconds a worker given SIGTERM lets running jobs finish before cancelling them."""
+    conn_timeout: float = Field(default=1.0, gt=0)
+    """Seconds to open a connection to Redis before the dispatch fails."""
+    socket_timeout: float = Field(default=5.0, gt=0)
+    """Seconds the API process waits for Redis to answer a command (a hung Redis fails the
+    dispatch instead of holding it)."""
+    conn_retries: int = Field(default=5, ge=0)
+    """How many times a starting worker retries connecting to Redis."""
+    conn_retry_delay: float = Field(default=1.0, ge=0)
+    """Seconds between those retries."""
+    max_connections: int | None = Field(default=None, ge=1)
+    """Size limit of the API process's connection pool (unbounded by default)."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in _SCHEMES:
+            raise ValueError(
+                f"{redact_url(value)!r} is not a Redis URL; use redis://host:port/db, "
+                "rediss:// for TLS or unix:///path/to/socket"
+            )
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError(f"{redact_url(value)!r} names no host")
+        if parts.scheme != "unix" and parts.path.strip("/"):
+            try:
+                int(parts.path.strip("/"))
+            except ValueError:
+                raise ValueError(
+                    f"{redact_url(value)!r}: the path must be a database number, e.g. /1"
+                ) from None
+        return value
