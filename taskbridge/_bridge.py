@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -50,7 +50,7 @@ class TaskBridge(HookRegistry):
         self._routes: list[tuple[str, dict[str, Any]]] = []
         self._tasks: dict[str, Task[..., Any]] = {}
         self._backends: dict[str, Backend] = {}
-        self._resolved: dict[str, ResolvedPolicy] = {}
+        self._resolved: dict[Hashable, ResolvedPolicy] = {}
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
         self.hooks = Hooks()
@@ -126,8 +126,16 @@ class TaskBridge(HookRegistry):
         Precedence, highest first: settings route > `.using()` > decorator > default_backend.
         With `check`, the backend is built and validates the policy (a ConfigurationError).
         """
-        cacheable = not task.using_policy and check
-        if cacheable and (hit := self._resolved.get(task.name)) is not None:
+        cache_key: Hashable | None = None
+        if check:
+            cache_key = task.name
+            if task.using_policy:
+                try:
+                    cache_key = (task.name, frozenset(task.using_policy.items()))
+                    hash(cache_key)
+                except TypeError:  # an unhashable override: resolve every time
+                    cache_key = None
+        if cache_key is not None and (hit := self._resolved.get(cache_key)) is not None:
             return hit
         layers: list[tuple[str, Mapping[str, Any]]] = [
             ("default", {"backend": self.settings.default_backend}),
@@ -141,8 +149,8 @@ class TaskBridge(HookRegistry):
         if not check:
             return resolved
         self.backend(resolved.policy.backend).validate_policy(task.name, resolved.policy)
-        if cacheable:
-            self._resolved[task.name] = resolved
+        if cache_key is not None and len(self._resolved) < 4096:
+            self._resolved[cache_key] = resolved
         return resolved
 
     # -- tasks ----------------------------------------------------------------------------
@@ -213,7 +221,7 @@ class TaskBridge(HookRegistry):
                 )
             registered = Task(self, f, task_name, checked)
             self._tasks[task_name] = registered
-            self._resolved.pop(task_name, None)
+            self._resolved.clear()
             return registered
 
         return register if func is None else register(func)
@@ -333,6 +341,15 @@ class TaskBridge(HookRegistry):
         for backend, call in batch:
             groups.setdefault(backend, []).append(call)
         settings = self.settings
+        if len(groups) == 1:  # the common case: no task hop, no gather
+            [(backend, calls)] = groups.items()
+            try:
+                await self._send(
+                    backend, calls, settings.dispatch_timeout, settings.unavailable_retry_after
+                )
+            except BackendUnavailable as exc:
+                self._unavailable([(calls, exc)], fallback)
+            return
         results = await asyncio.gather(
             *(
                 self._send(b, calls, settings.dispatch_timeout, settings.unavailable_retry_after)
@@ -340,23 +357,34 @@ class TaskBridge(HookRegistry):
             ),
             return_exceptions=True,
         )
-        unavailable: list[BackendUnavailable] = []
+        failures: list[tuple[list[TaskCall], BackendUnavailable]] = []
         for calls, result in zip(groups.values(), results, strict=True):
-            if result is None:
-                continue
-            if not isinstance(result, BackendUnavailable):
+            if isinstance(result, BackendUnavailable):
+                failures.append((calls, result))
+            elif result is not None:
                 raise result
+        if failures:
+            self._unavailable(failures, fallback)
+
+    def _unavailable(
+        self,
+        failures: list[tuple[list[TaskCall], BackendUnavailable]],
+        fallback: Callable[[TaskCall], None] | None,
+    ) -> None:
+        """Hand calls allowed to fall back to in-process execution over; raise for the rest."""
+        unavailable: list[BackendUnavailable] = []
+        for calls, error in failures:
             rescued = [c for c in calls if c.policy.on_unavailable == "inprocess"]
             for call in rescued:
                 logger.warning(
                     "%s; running task %s [%s] in-process instead (on_unavailable='inprocess')",
-                    result,
+                    error,
                     call.name,
                     call.id,
                 )
                 (fallback or self._run_here)(call)
             if len(rescued) < len(calls):
-                unavailable.append(result)
+                unavailable.append(error)
         if unavailable:
             logger.warning("dispatch failed (a request gets 503): %s", unavailable[0])
             raise unavailable[0]
