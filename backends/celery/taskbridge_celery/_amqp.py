@@ -1,0 +1,258 @@
+"""Publishing to RabbitMQ: one thread owns the connection; batches are group-committed.
+
+py-amqp is blocking, so the event loop hands batches to a dedicated thread through a queue and
+awaits a future. The thread takes every batch waiting, writes them all on one channel in
+publisher-confirm mode (one socket write, see _amqp_wire), then waits once for the broker's
+confirms: many concurrent requests cost one round trip together, and a resolved future means
+RabbitMQ has the messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._amqp_wire import publish_frames
+from ._protocol import TaskMessage
+
+__all__ = ["AmqpPublisher", "PublishError"]
+
+logger = logging.getLogger("taskbridge.celery")
+
+
+class PublishError(Exception):
+    """The broker did not take a batch (nack, unroutable, no confirm in time)."""
+
+
+@dataclass(slots=True)
+class _Job:
+    messages: Sequence[TaskMessage]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    probe: bool = False
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():  # the caller gave up (dispatch timeout): nothing to tell it
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+@dataclass(slots=True)
+class _Confirms:
+    """Publisher-confirm bookkeeping for one channel."""
+
+    next_tag: int = 1
+    outstanding: set[int] = field(default_factory=set)
+    nacked: int = 0
+    returned: list[str] = field(default_factory=list)
+
+    def on_ack(self, tag: int, multiple: bool) -> None:
+        if multiple:
+            self.outstanding = {t for t in self.outstanding if t > tag}
+        else:
+            self.outstanding.discard(tag)
+
+    def on_nack(self, tag: int, multiple: bool) -> None:
+        before = len(self.outstanding)
+        self.on_ack(tag, multiple)
+        self.nacked += before - len(self.outstanding)
+
+    def on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        self.returned.append(routing_key)
+
+
+class AmqpPublisher:
+    """Sends task messages to an AMQP broker from a dedicated thread."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        declare: Callable[[Any, str], None],
+        timeout: float,
+        name: str,
+        confirm: bool = True,
+    ) -> None:
+        """`connect()` returns a new kombu Connection; `declare(channel, queue)` declares a
+        queue the way Celery does; `timeout` bounds each wait on the broker. Without `confirm`
+        a batch counts as sent once written to the socket (Celery's own default)."""
+        self._connect = connect
+        self._confirm = confirm
+        self._declare = declare
+        self._timeout = timeout
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        # Owned by the publisher thread only:
+        self._connection: Any = None
+        self._channel: Any = None
+        self._confirms = _Confirms()
+        self._declared: set[str] = set()
+
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """What a failed publish raises (mapped to BackendUnavailable by the backend)."""
+        from amqp.exceptions import AMQPError  # type: ignore[import-untyped]
+        from kombu.exceptions import KombuError  # type: ignore[import-untyped]
+
+        return (PublishError, AMQPError, KombuError, OSError)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name=f"taskbridge-amqp-{self._name}", daemon=True
+                )
+                self._thread.start()
+
+    async def ping(self) -> None:
+        """Connect if needed and make one round trip to the broker."""
+        await self._submit((), probe=True)
+
+    async def publish(self, messages: Sequence[TaskMessage]) -> None:
+        """Publish `messages`; return once the broker confirmed all of them."""
+        await self._submit(messages)
+
+    async def _submit(self, messages: Sequence[TaskMessage], probe: bool = False) -> None:
+        self._start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._jobs.put(_Job(messages, loop, future, probe))
+        await future
+
+    async def close(self) -> None:
+        """Stop the thread after the batches already handed to it, and disconnect."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._jobs.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, self._timeout * 2)
+        self._thread = None
+
+    # -- the publisher thread ---------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                jobs, stop = [first], False
+                with contextlib.suppress(queue.Empty):
+                    while True:  # group commit: take every batch already waiting
+                        job = self._jobs.get_nowait()
+                        if job is None:
+                            stop = True
+                            break
+                        jobs.append(job)
+                error: BaseException | None = None
+                try:
+                    messages = [m for job in jobs for m in job.messages]
+                    self._send(messages, probe=any(job.probe for job in jobs))
+                except BaseException as exc:
+                    error = exc
+                by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+                for job in jobs:
+                    by_loop.setdefault(job.loop, []).append(job.future)
+                for loop, futures in by_loop.items():  # one wake-up per loop, not per batch
+                    with contextlib.suppress(RuntimeError):  # that loop is closed already
+                        loop.call_soon_threadsafe(_settle, futures, error)
+                if stop:
+                    return
+        finally:
+            self._disconnect()
+
+    def _send(self, messages: list[TaskMessage], probe: bool) -> None:
+        # A cached connection may have died while idle (broker restart, idle timeout): on a
+        # connection error, reconnect and send again once. A message may then arrive twice;
+        # delivery is at least once anyway.
+        try:
+            self._send_once(messages, probe)
+        except self.errors:
+            self._disconnect()
+            self._send_once(messages, probe)
+
+    def _ensure_channel(self) -> Any:
+        if self._channel is None:
+            connection = self._connect()
+            try:
+                # No retry loop here: the caller's dispatch timeout is short, and a down
+                # broker must be reported, not waited for.
+                connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+                channel = connection.channel()
+                confirms = _Confirms()
+                channel.events["basic_ack"].add(confirms.on_ack)
+                channel.events["basic_nack"].add(confirms.on_nack)
+                channel.events["basic_return"].add(confirms.on_return)
+                if self._confirm:
+                    channel.confirm_select()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    connection.release()
+                raise
+            self._connection, self._channel, self._confirms = connection, channel, confirms
+            self._declared.clear()
+        return self._channel
+
+    def _send_once(self, messages: list[TaskMessage], probe: bool) -> None:
+        reused = self._channel is not None
+        channel = self._ensure_channel()
+        if not messages:
+            if probe and reused:  # a round trip with no effect: amq.direct always exists
+                channel.exchange_declare("amq.direct", "direct", durable=True, passive=True)
+            return
+        confirms = self._confirms
+        for name in dict.fromkeys(m.queue for m in messages):
+            if name not in self._declared:
+                # Publishing to a queue that does not exist drops the message: declare it
+                # first, exactly as Celery would, so a worker started later declares the same.
+                self._declare(channel, name)
+                self._declared.add(name)
+        confirms.nacked, confirms.returned = 0, []
+        amqp_connection = self._connection.connection
+        data = b"".join(
+            publish_frames(m, channel.channel_id, amqp_connection.frame_max) for m in messages
+        )
+        # Count the tags before writing: acks may arrive as soon as the broker reads.
+        confirms.outstanding.update(range(confirms.next_tag, confirms.next_tag + len(messages)))
+        confirms.next_tag += len(messages)
+        amqp_connection.transport.write(data)  # the whole group in one write
+        if not self._confirm:
+            confirms.outstanding.clear()
+            return
+        deadline = time.monotonic() + self._timeout
+        while confirms.outstanding:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishError(
+                    f"RabbitMQ confirmed {len(messages) - len(confirms.outstanding)} of "
+                    f"{len(messages)} message(s) within {self._timeout}s (is it blocking "
+                    "publishers, e.g. on a memory or disk alarm?)"
+                )
+            self._connection.drain_events(timeout=remaining)
+        if confirms.returned:
+            self._declared.difference_update(confirms.returned)
+            raise PublishError(
+                f"RabbitMQ had no queue for {len(confirms.returned)} message(s) "
+                f"(queues {', '.join(sorted(set(confirms.returned)))} deleted?)"
+            )
+        if confirms.nacked:
+            raise PublishError(f"RabbitMQ refused {confirms.nacked} message(s) (nack)")
+
+    def _disconnect(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.release()

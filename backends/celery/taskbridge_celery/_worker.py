@@ -1,0 +1,305 @@
+"""The Celery side: an app built from an alias's options, one Celery task per taskbridge task.
+
+Each Celery task is a thin adapter: it applies the policy the message carries, runs the call
+through taskbridge's runner (`run_blocking`) and maps the Outcome onto Celery: a value is the
+result, "retry" is `Task.retry` with the runner's backoff (same task id), "failed" re-raises the
+task's own exception for the result backend to store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from taskbridge import MessageError, TaskBridgeError
+from taskbridge.backends import (
+    Policy,
+    Task,
+    close_thread_loop,
+    encode_json,
+    run_blocking,
+    with_execution_fields,
+)
+
+from ._options import CeleryOptions, celery_config
+from ._protocol import HARD_LIMIT_GRACE, POLICY_HEADER, SIGNATURE_HEADER
+
+if TYPE_CHECKING:
+    from celery import Celery  # type: ignore[import-untyped]
+
+    from taskbridge import TaskBridge
+
+__all__ = ["add_worker_arguments", "build_app", "register_tasks", "run_worker", "worker_queues"]
+
+logger = logging.getLogger("taskbridge.celery")
+
+POOLS = ("prefork", "threads", "solo")
+
+
+def build_app(options: CeleryOptions, *, worker: bool = False) -> Celery:
+    """A Celery app configured from `options` (no tasks): the API side's and the worker's.
+
+    Only the worker's app becomes Celery's current app, which prefork children rely on.
+    """
+    from celery import Celery
+
+    app = Celery("taskbridge", set_as_current=worker)
+    app.conf.update(celery_config(options))
+    return app
+
+
+def _policy_for(base: Policy, carried: object) -> Policy:
+    """`base` updated with the execution fields a message's policy header carried."""
+    if carried is None:
+        return base
+    if not isinstance(carried, Mapping):
+        raise MessageError(f"its {POLICY_HEADER} header is not a map: {carried!r}")
+    return with_execution_fields(base, carried)
+
+
+def _check_result(name: str, value: Any) -> Any:
+    try:
+        encode_json(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"task {name!r} returned a {type(value).__module__}.{type(value).__qualname__}, "
+            "which the JSON result backend cannot store; return JSON values (str, int, float, "
+            "bool, None, list, dict) or nothing"
+        ) from None
+    return value
+
+
+def _problem(task: Task[..., Any], message: Any) -> str | None:
+    """Why a message for `task` cannot run (None if it can): checked before it is accepted."""
+    try:
+        payload = message.payload  # decoded once, JSON only; the default strategy reuses it
+    except Exception as exc:
+        return f"its body cannot be decoded ({type(exc).__name__}: {exc})"
+    if not (isinstance(payload, list | tuple) and len(payload) == 3):
+        return "its body is not Celery's [args, kwargs, embed]"
+    args, kwargs, embed = payload
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        return "its args are not a list or its kwargs not a map"
+    if embed is not None and not isinstance(embed, dict):
+        return "its embedded options are not a map"
+    try:
+        task.signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        return f"its arguments do not fit the task: {exc}"
+    try:
+        _policy_for(Policy(), message.headers.get(POLICY_HEADER))
+        signer = task.bridge.signer
+        if signer is not None:
+            signature = message.headers.get(SIGNATURE_HEADER)
+            signer.verify(signature, message.headers.get("id") or "", task.name, args, kwargs)
+    except TaskBridgeError as exc:
+        return str(exc)
+    return None
+
+
+def _guarded_strategy(celery_task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default strategy, behind a check of the message.
+
+    A malformed message (undecodable body, wrong shape, arguments that do not fit, a missing or
+    wrong signature when the bridge has a `signing_key`) would otherwise reach the pool, where a
+    solo pool lets the error stop the whole worker and the message be delivered again forever.
+    Here it is logged, marked failed, and dropped.
+    """
+    from celery.worker.strategy import default  # type: ignore[import-untyped]
+
+    handle = default(celery_task, app, consumer, **kwargs)
+    task = celery_task.taskbridge_task
+
+    def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any) -> Any:
+        problem = _problem(task, message)
+        if problem is None:
+            return handle(message, body, ack, reject, callbacks)
+        headers = message.headers or {}
+        task_id = headers.get("id")
+        logger.error(
+            "rejected a message for task %s [%s]: %s; it is marked failed and dropped",
+            task.name,
+            task_id,
+            problem,
+        )
+        message.reject_log_error(logger, consumer.connection_errors)
+        if task_id:
+            error = MessageError(f"message for task {task.name!r} rejected: {problem}")
+            request = {
+                "name": task.name,
+                "chord": None,
+                "root_id": headers.get("root_id"),
+                "correlation_id": message.properties.get("correlation_id"),
+                "reply_to": message.properties.get("reply_to"),
+                "errbacks": None,
+            }
+            app.backend.mark_as_failure(task_id, error, request=_Request(request))
+        return None
+
+    return on_message
+
+
+class _Request(dict[str, Any]):
+    """The attribute-style request `mark_as_failure` reads (Celery passes a Bunch)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _execute(
+    celery_task: Any, task: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    request = celery_task.request
+    # The worker's own resolution gives retry_on (exception classes cannot travel); the
+    # message's header gives the dispatcher's retries, backoff and timeout.
+    base = task.bridge.resolve(task).policy
+    policy = _policy_for(base, getattr(request, POLICY_HEADER, None))
+    outcome = run_blocking(
+        task, args, kwargs, call_id=request.id, policy=policy, attempt=request.retries + 1
+    )
+    if outcome.state == "succeeded":
+        if celery_task.app.conf.result_backend:
+            return _check_result(task.name, outcome.value)
+        return outcome.value
+    if outcome.state == "retry":
+        raise celery_task.retry(countdown=outcome.retry_in, exc=outcome.error)
+    assert outcome.error is not None
+    raise outcome.error
+
+
+def _adapter(task: Task[..., Any]) -> Any:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _execute(self, task, args, kwargs)
+
+    run.__name__ = run.__qualname__ = task.name.rpartition(".")[2] or task.name
+    run.__doc__ = f"Runs the taskbridge task {task.name!r} through taskbridge's runner."
+    return run
+
+
+def register_tasks(app: Celery, bridge: TaskBridge) -> None:
+    """Register one Celery task per bridge task, under the same name.
+
+    Every task is registered, whatever its route: a `.using(backend=...)` call can send any
+    task here. Time limits come from the task's policy; a message's own `timelimit` header
+    (set from the dispatcher's policy) overrides them.
+    """
+    for name, task in bridge.tasks.items():
+        timeout = bridge.resolve(task).policy.timeout
+        app.task(
+            _adapter(task),
+            name=name,
+            bind=True,
+            shared=False,
+            lazy=False,
+            typing=False,
+            max_retries=None,  # the runner decides; Celery's default would stop at 3
+            time_limit=None if timeout is None else timeout + HARD_LIMIT_GRACE,
+            soft_time_limit=None if timeout is None or task.is_async else timeout,
+            Strategy=staticmethod(_guarded_strategy),
+            taskbridge_task=task,
+        )
+
+
+def worker_queues(bridge: TaskBridge, alias: str, default_queue: str) -> list[str]:
+    """The queues a worker consumes by default: the alias's default queue and every queue
+    named by a task routed to this alias."""
+    queues = [default_queue]
+    for task in bridge.tasks.values():
+        policy = bridge.resolve(task).policy
+        if policy.backend == alias and policy.queue:
+            queues.append(policy.queue)
+    return list(dict.fromkeys(queues))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Celery worker's options (named like `celery worker`'s)."""
+    parser.add_argument(
+        "-Q",
+        "--queues",
+        help="comma-separated queues to consume (default: the alias's default queue and the "
+        "queues of the tasks routed to it)",
+    )
+    parser.add_argument(
+        "-c", "--concurrency", type=_positive, help="pool size (default: number of CPUs)"
+    )
+    parser.add_argument(
+        "-P", "--pool", choices=POOLS, default="prefork", help="execution pool (default prefork)"
+    )
+    parser.add_argument("-l", "--loglevel", default="INFO", help="log level (default INFO)")
+    parser.add_argument(
+        "-n", "--hostname", help="node name; %%h expands to the host (default celery@%%h)"
+    )
+    parser.add_argument("-E", "--events", action="store_true", help="send task events (for Flower)")
+    parser.add_argument("--without-mingle", action="store_true", help="skip start-up sync")
+    parser.add_argument("--without-gossip", action="store_true", help="ignore other workers")
+    parser.add_argument("--without-heartbeat", action="store_true", help="send no heartbeats")
+
+
+def _close_loop(**_: Any) -> None:
+    close_thread_loop()
+
+
+THREADS_WAKE_UP = 0.05
+"""Seconds between wake-ups of a threads-pool worker's event loop (see `_wake_up_often`)."""
+
+
+def _wake_up_often(sender: Any = None, **_: Any) -> None:
+    """Work around celery/celery#6941 for the threads pool.
+
+    A thread finishing a task schedules its ack on the consumer's event loop without waking
+    it, so with acks_late and a prefetch of one per thread the next message waits until the
+    loop wakes by itself (up to seconds). A cheap periodic timer bounds that wait.
+    """
+    if sender is not None:
+        sender.timer.call_repeatedly(THREADS_WAKE_UP, _nothing)
+
+
+def _nothing() -> None:
+    """The periodic timer's work: none; waking the loop is the point."""
+
+
+def run_worker(app: Celery, queues: list[str], arguments: argparse.Namespace) -> int:
+    """Run a Celery worker until it is stopped; return its exit code."""
+    logger.info(
+        "taskbridge: Celery worker for %d task(s) on queue(s) %s",
+        len(app.tasks) - len([n for n in app.tasks if n.startswith("celery.")]),
+        ", ".join(queues),
+    )
+    from celery import signals
+
+    # Close the runner's per-thread loop (async tasks) where Celery runs tasks: in a prefork
+    # child when it exits, in the main process for the solo pool.
+    signals.worker_process_shutdown.connect(_close_loop, weak=False)
+    signals.worker_shutdown.connect(_close_loop, weak=False)
+    if arguments.pool == "threads":
+        signals.worker_ready.connect(_wake_up_often, weak=False)
+    from celery.utils.nodenames import (  # type: ignore[import-untyped]
+        default_nodename,
+        host_format,
+    )
+
+    worker = app.Worker(
+        hostname=host_format(default_nodename(arguments.hostname)),  # as `celery worker -n`
+        pool_cls=arguments.pool,
+        concurrency=arguments.concurrency,
+        loglevel=arguments.loglevel,
+        queues=queues,
+        task_events=arguments.events,
+        without_mingle=arguments.without_mingle,
+        without_gossip=arguments.without_gossip,
+        without_heartbeat=arguments.without_heartbeat,
+    )
+    worker.start()
+    return int(worker.exitcode or 0)
