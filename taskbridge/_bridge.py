@@ -54,6 +54,8 @@ class TaskBridge(HookRegistry):
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
         self.hooks = Hooks()
+        self._signer: Signer | None = None
+        self._signer_key: object = None
 
     # -- settings and routing -------------------------------------------------------------
 
@@ -254,7 +256,11 @@ class TaskBridge(HookRegistry):
     def signer(self) -> Signer | None:
         """Signs and verifies queued messages when `signing_key` is set; None otherwise."""
         key = self.settings.signing_key
-        return None if key is None else Signer(key.get_secret_value())
+        if key is None:
+            return None
+        if self._signer is None or self._signer_key != key:
+            self._signer, self._signer_key = Signer(key.get_secret_value()), key
+        return self._signer
 
     @property
     def backends(self) -> Mapping[str, Backend]:

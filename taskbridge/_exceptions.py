@@ -59,7 +59,9 @@ class TaskArgumentError(TaskBridgeError, TypeError):
     there to decode it.
     """
 
-    def __init__(self, message: str, *, task_name: str, parameter: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, task_name: str | None = None, parameter: str | None = None
+    ) -> None:
         super().__init__(message)
         self.task_name = task_name
         self.parameter = parameter
@@ -68,9 +70,10 @@ class TaskArgumentError(TaskBridgeError, TypeError):
 class UnknownTaskError(TaskBridgeError, LookupError):
     """A message names a task that is not registered on the bridge."""
 
-    def __init__(self, task_name: str) -> None:
+    def __init__(self, task_name: str, message: str | None = None) -> None:
         super().__init__(
-            f"no task named {task_name!r} is registered on this bridge; is the module that "
+            message
+            or f"no task named {task_name!r} is registered on this bridge; is the module that "
             "defines it imported by the bridge's module?"
         )
         self.task_name = task_name
@@ -85,7 +88,13 @@ class TaskFailed(TaskBridgeError):
     task's own exception's qualified type name and message (it may have run in another process).
     """
 
-    def __init__(self, task_id: str, task_name: str | None, error_type: str, message: str) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        task_name: str | None = None,
+        error_type: str = "unknown",
+        message: str = "",
+    ) -> None:
         super().__init__(f"task {task_name or '?'} [{task_id}] failed: {error_type}: {message}")
         self.task_id = task_id
         self.task_name = task_name
@@ -96,7 +105,7 @@ class TaskFailed(TaskBridgeError):
 class TaskCancelled(TaskBridgeError):
     """The call was cancelled; raised by `handle.result()`."""
 
-    def __init__(self, task_id: str, task_name: str | None) -> None:
+    def __init__(self, task_id: str, task_name: str | None = None) -> None:
         super().__init__(f"task {task_name or '?'} [{task_id}] was cancelled")
         self.task_id = task_id
         self.task_name = task_name
@@ -105,7 +114,7 @@ class TaskCancelled(TaskBridgeError):
 class BackendError(TaskBridgeError):
     """A backend failed while talking to its engine."""
 
-    def __init__(self, message: str, *, backend: str) -> None:
+    def __init__(self, message: str, *, backend: str | None = None) -> None:
         super().__init__(message)
         self.backend = backend
 
@@ -118,7 +127,7 @@ class BackendUnavailable(BackendError, HTTPException):
     handler for BackendUnavailable still gets it called first.
     """
 
-    def __init__(self, message: str, *, backend: str, retry_after: int = 5) -> None:
+    def __init__(self, message: str, *, backend: str | None = None, retry_after: int = 5) -> None:
         BackendError.__init__(self, message, backend=backend)
         HTTPException.__init__(
             self,

@@ -78,3 +78,12 @@ def test_every_error_has_the_one_root() -> None:
     ]
     assert all(issubclass(e, taskbridge.TaskBridgeError) for e in errors)
     assert issubclass(taskbridge.TaskArgumentError, TypeError)
+
+
+def test_errors_can_be_rebuilt_from_their_message_alone() -> None:
+    """Result backends (Celery's JSON results) rebuild exceptions as `cls(message)`."""
+    for name in EXPECTED:
+        cls = getattr(taskbridge, name)
+        if isinstance(cls, type) and issubclass(cls, taskbridge.TaskBridgeError):
+            rebuilt = cls("the message")
+            assert "the message" in str(rebuilt)
