@@ -283,20 +283,17 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start real processes; each is stopped at teardown.
+def spawn_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real processes (`spawn_process(argv, env=..., cwd=...)`); stopped at teardown.
 
-    `spawn_worker(["worker", "arq", "app:bridge", ...], env={...})` runs the `taskbridge` CLI
-    with the current interpreter, in `tmp_path` (put the app module there), with the test's
-    environment plus `env`.
+    The environment is the test's own plus `env`; the directory defaults to `tmp_path`.
     """
     started: list[WorkerProcess] = []
 
     def spawn(
-        cli_args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+        argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
     ) -> WorkerProcess:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        argv = [sys.executable, "-m", "taskbridge.cli", *cli_args]
         worker = WorkerProcess(argv, cwd or tmp_path, full_env)
         started.append(worker)
         return worker
@@ -304,3 +301,20 @@ def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield spawn
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def spawn_worker(spawn_process: Callable[..., WorkerProcess]) -> Callable[..., WorkerProcess]:
+    """Run the `taskbridge` CLI in a real process, stopped at teardown.
+
+    `spawn_worker(["worker", "arq", "app:bridge", ...], env={...})` runs it with the current
+    interpreter, in `tmp_path` (put the app module there), with the test's environment plus
+    `env`.
+    """
+
+    def spawn(
+        cli_args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> WorkerProcess:
+        return spawn_process([sys.executable, "-m", "taskbridge.cli", *cli_args], env, cwd)
+
+    return spawn
