@@ -5,8 +5,16 @@ to it (`@bridge.task(backend="arq")`) and run `taskbridge worker arq myapp.tasks
 """
 
 from ._backend import ArqBackend
-from ._dispatch import POLICY_KWARG, WAKE_CHANNEL_PREFIX
+from ._dispatch import (
+    DEDUP_KEY_PREFIX,
+    POLICY_KWARG,
+    QUEUE_FIELD,
+    SIGNATURE_FIELD,
+    SYNC_FIELD,
+    WAKE_CHANNEL_PREFIX,
+)
 from ._options import DEFAULT_QUEUE, ArqOptions
+from ._progress import ProgressReporter
 from ._serializer import (
     RemoteTaskError,
     deserialize,
@@ -14,14 +22,21 @@ from ._serializer import (
     exception_to_json,
     serialize,
 )
+from ._status import PROGRESS_KEY_PREFIX
 from ._worker import TaskbridgeWorker
 
 __all__ = [
+    "DEDUP_KEY_PREFIX",
     "DEFAULT_QUEUE",
     "POLICY_KWARG",
+    "PROGRESS_KEY_PREFIX",
+    "QUEUE_FIELD",
+    "SIGNATURE_FIELD",
+    "SYNC_FIELD",
     "WAKE_CHANNEL_PREFIX",
     "ArqBackend",
     "ArqOptions",
+    "ProgressReporter",
     "RemoteTaskError",
     "TaskbridgeWorker",
     "deserialize",

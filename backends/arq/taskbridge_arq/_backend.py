@@ -9,17 +9,40 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from arq.connections import ArqRedis
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import Job
-from arq.utils import timestamp_ms
+from arq.utils import timestamp_ms, to_ms
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from taskbridge import BackendUnavailable, ConfigurationError
-from taskbridge.backends import Backend, Policy, TaskCall, redact_url
+from taskbridge.backends import (
+    Backend,
+    CancelResult,
+    Policy,
+    TaskCall,
+    TaskStatus,
+    redact_url,
+)
 
-from ._dispatch import ENQUEUE_SCRIPT, GroupCommit, batch_arguments
+from ._dispatch import (
+    ENQUEUE_SCRIPT,
+    QUEUE_FIELD,
+    SYNC_FIELD,
+    WAKE_CHANNEL_PREFIX,
+    GroupCommit,
+    batch_arguments,
+)
 from ._options import ArqOptions
+from ._progress import ProgressReporter
 from ._serializer import deserialize, serialize
+from ._status import CANCEL_SCRIPT, Snapshot, cancelled_result, read_keys
 from ._wakeups import WakeUps
 from ._worker import TaskbridgeWorker, job_functions
 
@@ -39,13 +62,16 @@ class ArqBackend(Backend):
     """Sends calls to ARQ workers through Redis, in ARQ's job format with JSON, never pickle.
 
     A request's calls are enqueued in one Redis round trip (a Lua script doing what ARQ's
-    `enqueue_job` does for each); the job id is the call's id. `taskbridge worker ALIAS
-    module:bridge` runs an ARQ worker for the bridge's tasks.
+    `enqueue_job` does for each); the job id is the call's id. `status` reads ARQ's own keys in
+    one round trip; `cancel` removes a queued job atomically, or aborts a running `async def`
+    one. `taskbridge worker ALIAS module:bridge` runs an ARQ worker for the bridge's tasks.
     """
 
     supports_delay: ClassVar[bool] = True
     supports_queues: ClassVar[bool] = True
     supports_worker: ClassVar[bool] = True
+    supports_status: ClassVar[bool] = True
+    supports_cancel: ClassVar[bool] = True
     options_model: ClassVar[type[ArqOptions]] = ArqOptions
     options: ArqOptions
 
@@ -53,7 +79,13 @@ class ArqBackend(Backend):
         super().__init__(alias, options)
         self._redis: ArqRedis | None = None
         self._script: AsyncScript | None = None
+        self._cancel_script: AsyncScript | None = None
         self._group: GroupCommit | None = None
+
+    @classmethod
+    def dev_options(cls, redis_url: str) -> dict[str, Any]:
+        """`taskbridge dev`'s throwaway Redis is all an ARQ alias needs."""
+        return {"redis_url": redis_url}
 
     # -- policy ---------------------------------------------------------------------------
 
@@ -106,6 +138,7 @@ class ArqBackend(Backend):
             socket_timeout=self.options.socket_timeout,
         )
         self._script = self._redis.register_script(ENQUEUE_SCRIPT)
+        self._cancel_script = self._redis.register_script(CANCEL_SCRIPT)
         self._group = GroupCommit(self._run_script)
         try:
             await self._redis.script_load(ENQUEUE_SCRIPT)
@@ -117,12 +150,18 @@ class ArqBackend(Backend):
         if self._group is not None:
             await self._group.wait_idle()
         redis, self._redis, self._script, self._group = self._redis, None, None, None
+        self._cancel_script = None
         if redis is not None:
             await redis.aclose(close_connection_pool=True)
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
         """Enqueue `calls` in one round trip (shared with concurrent dispatches, see
-        GroupCommit); a call whose job id exists already is skipped with a warning."""
+        GroupCommit), signed when the bridge has a `signing_key`.
+
+        A call with an idempotency key dispatched again within its key_ttl is skipped (the
+        caller has the first call's handle); any other call whose job id exists already is
+        skipped with a warning.
+        """
         if not calls:
             return
         await self.open()
@@ -132,13 +171,25 @@ class ArqBackend(Backend):
             default_queue=self.options.queue_name,
             now_ms=timestamp_ms(),
             expires_extra_ms=self.options.expires_extra_ms,
+            signer=calls[0].task.bridge.signer,
         )
         try:
             skipped = await self._group.submit(keys, argv)
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc, f" for {len(calls)} call(s)") from exc
+        if not skipped:
+            return
         for call in calls:
-            if call.id in skipped:
+            if call.id not in skipped:
+                continue
+            if call.policy.key is not None:
+                logger.debug(
+                    "task %s [%s]: idempotency key %r already dispatched; not enqueued again",
+                    call.name,
+                    call.id,
+                    call.policy.key,
+                )
+            else:
                 logger.warning("ARQ job %s exists (queued or has a result); not enqueued", call.id)
 
     async def _run_script(self, keys: list[str], argv: list[Any]) -> list[bytes]:
@@ -162,6 +213,156 @@ class ArqBackend(Backend):
         return (
             f"Redis {server.get('redis_version', '?')} at {redact_url(self.options.redis_url)}; "
             f"queue {self.options.queue_name!r}: {queued} job(s); {worker}"
+        )
+
+    # -- status and cancel ----------------------------------------------------------------
+
+    async def status(self, task_id: str) -> TaskStatus | None:
+        """The job's state from ARQ's keys and the progress key, read by one MGET.
+
+        Queued or deferred: queued. Locked by a worker: running. Back in the queue after a try:
+        retrying. With a result: succeeded, failed, or cancelled (an aborted job). None when
+        Redis holds nothing of `task_id` (never queued here, or its result expired).
+        """
+        return (await self._snapshot(task_id)).status(self.alias)
+
+    async def _snapshot(self, task_id: str) -> Snapshot:
+        await self.open()
+        try:
+            values = await self.redis.mget(read_keys(task_id))
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc, f" reading job {task_id}") from exc
+        return Snapshot.parse(task_id, values)
+
+    async def cancel(self, task_id: str) -> CancelResult:
+        """Cancel a job: a queued (or retrying) one never starts; a running `async def` one is
+        aborted; a running `def` one cannot be interrupted, and the answer says so.
+
+        A queued job is taken out of its queue and given a cancelled result in one Lua script,
+        which a worker's claim of the job cannot interleave with. A running one is put in ARQ's
+        abort set, its workers are woken, and the answer waits up to `cancel_wait` seconds for
+        the worker to cancel the task and store the outcome.
+        """
+        snapshot = await self._snapshot(task_id)
+        known = snapshot.status(self.alias)
+        if known is None:
+            return CancelResult(
+                id=task_id,
+                cancelled=False,
+                state="unknown",
+                detail=f"Redis holds no ARQ job {task_id} (never queued, or its result expired)",
+            )
+        if known.done:
+            return CancelResult(
+                id=task_id, cancelled=False, state=known.state, detail=f"already {known.state}"
+            )
+        carried = snapshot.carried
+        queue = carried.get(QUEUE_FIELD)
+        if not isinstance(queue, str):
+            queue = self.options.queue_name
+        in_thread = carried.get(SYNC_FIELD) is True
+        now = timestamp_ms()
+        options = self.options
+        keep = -1 if options.keep_result_forever else to_ms(options.keep_result)
+        assert self._cancel_script is not None
+        try:
+            raw = await self._cancel_script(
+                keys=[
+                    job_key_prefix + task_id,
+                    in_progress_key_prefix + task_id,
+                    result_key_prefix + task_id,
+                    retry_key_prefix + task_id,
+                    queue,
+                    abort_jobs_ss,
+                ],
+                args=[
+                    task_id,
+                    now,
+                    "0" if in_thread else "1",
+                    cancelled_result(snapshot, queue, now),
+                    keep,
+                    WAKE_CHANNEL_PREFIX + queue,
+                ],
+                client=self.redis,
+            )
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc, f" cancelling job {task_id}") from exc
+        answer = raw.decode() if isinstance(raw, bytes) else str(raw)
+        name = known.task_name or "?"
+        if answer == "cancelled":
+            detail = (
+                "cancelled before it started; it will not run"
+                if snapshot.tries == 0
+                else f"cancelled after {snapshot.tries} attempt(s), before the next one; it "
+                "will not run again"
+            )
+            return CancelResult(id=task_id, cancelled=True, state="cancelled", detail=detail)
+        if answer == "running":
+            return CancelResult(
+                id=task_id,
+                cancelled=False,
+                state="running",
+                detail=f"task {name} is a def task running in a worker thread, which cannot be "
+                "interrupted; it will run to completion",
+            )
+        if answer == "aborting":
+            return await self._await_abort(task_id, name, dispatched=snapshot.dispatched)
+        # It finished between the read and the script.
+        now_known = await self.status(task_id)
+        state = now_known.state if now_known is not None else "unknown"
+        return CancelResult(id=task_id, cancelled=False, state=state, detail=f"already {state}")
+
+    async def _await_abort(self, task_id: str, name: str, *, dispatched: bool) -> CancelResult:
+        """Wait for a worker to act on an abort request, up to `cancel_wait` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.cancel_wait
+        delay = 0.005
+        while True:
+            known = await self.status(task_id)
+            if known is None:
+                return CancelResult(
+                    id=task_id,
+                    cancelled=False,
+                    state="unknown",
+                    detail="the job ended while its abort was requested, and keeps no result",
+                )
+            if known.state == "cancelled":
+                return CancelResult(
+                    id=task_id,
+                    cancelled=True,
+                    state="cancelled",
+                    detail="aborted while running: the task got CancelledError and was drained",
+                )
+            if known.done:
+                return CancelResult(
+                    id=task_id,
+                    cancelled=False,
+                    state=known.state,
+                    detail=f"already {known.state}: it finished before the abort reached it",
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+        waited = f"no worker acknowledged the abort within {self.options.cancel_wait}s"
+        if dispatched:
+            # An async def task: the request stays in ARQ's abort set until a worker acts on it,
+            # including one that runs the job again after its worker died.
+            return CancelResult(
+                id=task_id,
+                cancelled=True,
+                state=known.state,
+                detail=f"abort requested, but {waited}; the task is cancelled when its worker "
+                "checks for aborts",
+            )
+        return CancelResult(
+            id=task_id,
+            cancelled=False,
+            state=known.state,
+            detail=f"abort requested, but {waited}; an async def task is cancelled when its "
+            f"worker checks, a def task ({name} was not queued by taskbridge, so its kind is "
+            "unknown here) cannot be",
         )
 
     def job(self, job_id: str, queue_name: str | None = None) -> Job:
@@ -220,9 +421,16 @@ class ArqBackend(Backend):
             raise ConfigurationError("the bridge has no tasks registered: nothing to work on")
         options = self.options
         wakeups = WakeUps()
+        progress_ttl = None if options.keep_result_forever else options.job_timeout
+        reporter = ProgressReporter(
+            None if progress_ttl is None else to_ms(progress_ttl + options.keep_result)
+        )
+        threads: set[str] = set()
         return TaskbridgeWorker(
-            job_functions(bridge, self.alias, options, wakeups),
+            job_functions(bridge, self.alias, options, wakeups, reporter=reporter, threads=threads),
             wakeups=wakeups,
+            reporter=reporter,
+            threads=threads,
             poll_delay=options.poll_delay,
             queue_name=queue or options.queue_name,
             redis_pool=redis,

@@ -3,8 +3,11 @@
 `ArqRedis.enqueue_job` takes three round trips per job (WATCH, EXISTS, MULTI/EXEC). The script
 below does the same per job server-side, atomically, for a whole batch in one EVALSHA: skip the
 job when its job key or result key exists (ARQ's de-duplication by job id), else PSETEX the job
-key with ARQ's expiry and ZADD the queue with the due time as score. It then PUBLISHes, once per
-queue, the earliest due time it added, which wakes idle workers at once (see `_wakeups`).
+key with ARQ's expiry and ZADD the queue with the due time as score. A call with an idempotency
+key first takes its dedup key (`taskbridge:key:<id>`, SET NX PX key_ttl) and is skipped when the
+key is held, so a duplicate within key_ttl is a no-op even after the job's result expired. The
+script then PUBLISHes, once per queue, the earliest due time it added, which wakes idle workers
+at once (see `_wakeups`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from typing import Any
 from arq.constants import job_key_prefix, result_key_prefix
 
 from taskbridge import TaskArgumentError
-from taskbridge.backends import Policy, TaskCall, encode_json, execution_fields
+from taskbridge.backends import Policy, Signer, TaskCall, encode_json, execution_fields
 
 __all__ = [
+    "DEDUP_KEY_PREFIX",
     "DEFAULT_EXECUTION_FIELDS",
     "ENQUEUE_SCRIPT",
     "POLICY_KWARG",
+    "QUEUE_FIELD",
+    "SIGNATURE_FIELD",
+    "SYNC_FIELD",
     "WAKE_CHANNEL_PREFIX",
     "GroupCommit",
     "batch_arguments",
@@ -31,31 +38,52 @@ __all__ = [
 
 POLICY_KWARG = "taskbridge.policy"
 """Reserved key in the job's kwargs (`k`) carrying the dispatcher's execution policy (retries,
-backoff, timeout), as the fields that differ from `Policy()`'s defaults; the worker removes it
-before calling the task. It is not a Python identifier, so no named parameter can collide with
-it, and a call passing it through `**kwargs` is refused."""
+backoff, timeout), as the fields that differ from `Policy()`'s defaults, and the call's
+metadata (SYNC_FIELD, QUEUE_FIELD, SIGNATURE_FIELD); the worker removes it before calling the
+task. It is not a Python identifier, so no named parameter can collide with it, and a call
+passing it through `**kwargs` is refused."""
+
+SYNC_FIELD = "sync"
+"""In the carried policy: true when the task is a `def` (it runs in a thread, and a running one
+cannot be aborted), absent for an `async def` task."""
+QUEUE_FIELD = "queue"
+"""In the carried policy: the job's queue, when it is not the backend's default queue (cancel
+removes the job from it)."""
+SIGNATURE_FIELD = "signature"
+"""In the carried policy, with a `signing_key`: the HMAC of (id, task name, args, kwargs), where
+kwargs include the carried policy without this field."""
 
 DEFAULT_EXECUTION_FIELDS = execution_fields(Policy())
 
 WAKE_CHANNEL_PREFIX = "taskbridge:wake:"
 """Pub/sub channel `<prefix><queue name>` on which enqueues announce their earliest due time."""
 
-# KEYS: per job, its job key, result key and queue. ARGV[1]: the wake channel prefix; then per
-# job, its id, payload, expiry (ms) and score (due time, ms). Returns the ids it skipped.
+DEDUP_KEY_PREFIX = "taskbridge:key:"
+"""`<prefix><call id>`: held for key_ttl by the first dispatch of a call with an idempotency key."""
+
+# KEYS: per job, its job key, result key, queue and dedup key. ARGV[1]: the wake channel prefix;
+# then per job, its id, payload, expiry (ms), score (due time, ms) and the dedup key's lifetime
+# (ms; 0 when the call has no idempotency key). Returns, flat, (id, reason) of each job it
+# skipped: 'duplicate' (the dedup key is held) or 'exists' (the job or its result exists).
 ENQUEUE_SCRIPT = """
 local skipped = {}
 local earliest = {}
-for i = 0, #KEYS / 3 - 1 do
-  local job_key, result_key, queue = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local id, score = ARGV[4 * i + 2], tonumber(ARGV[4 * i + 5])
-  if redis.call('EXISTS', job_key, result_key) == 0 then
-    redis.call('PSETEX', job_key, ARGV[4 * i + 4], ARGV[4 * i + 3])
+for i = 0, #KEYS / 4 - 1 do
+  local job_key, result_key, queue = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3]
+  local a = 5 * i + 1
+  local id, score, dedup_ms = ARGV[a + 1], tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  if dedup_ms > 0 and not redis.call('SET', KEYS[4 * i + 4], '1', 'NX', 'PX', dedup_ms) then
+    skipped[#skipped + 1] = id
+    skipped[#skipped + 1] = 'duplicate'
+  elseif redis.call('EXISTS', job_key, result_key) == 0 then
+    redis.call('PSETEX', job_key, ARGV[a + 3], ARGV[a + 2])
     redis.call('ZADD', queue, score, id)
     if earliest[queue] == nil or score < earliest[queue] then
       earliest[queue] = score
     end
   else
     skipped[#skipped + 1] = id
+    skipped[#skipped + 1] = 'exists'
   end
 end
 for queue, score in pairs(earliest) do
@@ -63,11 +91,18 @@ for queue, score in pairs(earliest) do
 end
 return skipped
 """
+_KEYS_PER_JOB = 4
 
 
-def job_payload(call: TaskCall, enqueue_time_ms: int) -> bytes:
+def job_payload(
+    call: TaskCall,
+    enqueue_time_ms: int,
+    *,
+    default_queue: str | None = None,
+    signer: Signer | None = None,
+) -> bytes:
     """The ARQ job dict for `call` as JSON: what `arq.jobs.serialize_job` builds, plus the
-    execution policy under POLICY_KWARG."""
+    execution policy and the call's metadata under POLICY_KWARG, signed when `signer` is given."""
     if POLICY_KWARG in call.kwargs:
         raise TaskArgumentError(
             f"task {call.name!r}: the keyword argument {POLICY_KWARG!r} is reserved by the ARQ "
@@ -75,42 +110,60 @@ def job_payload(call: TaskCall, enqueue_time_ms: int) -> bytes:
             task_name=call.name,
             parameter=POLICY_KWARG,
         )
-    carried = {
+    carried: dict[str, Any] = {
         name: value
         for name, value in execution_fields(call.policy).items()
         if value != DEFAULT_EXECUTION_FIELDS[name]
     }
+    if not call.task.is_async:
+        carried[SYNC_FIELD] = True
+    queue = call.policy.queue
+    if queue is not None and queue != default_queue:
+        carried[QUEUE_FIELD] = queue
     kwargs = {**call.kwargs, POLICY_KWARG: carried}
+    if signer is not None:
+        signature = signer.sign(call.id, call.name, call.args, kwargs)
+        kwargs[POLICY_KWARG] = {**carried, SIGNATURE_FIELD: signature}
     job = {"t": None, "f": call.name, "a": call.args, "k": kwargs, "et": enqueue_time_ms}
     return encode_json(job)
 
 
 def batch_arguments(
-    calls: Sequence[TaskCall], *, default_queue: str, now_ms: int, expires_extra_ms: int
+    calls: Sequence[TaskCall],
+    *,
+    default_queue: str,
+    now_ms: int,
+    expires_extra_ms: int,
+    signer: Signer | None = None,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and per-job ARGV of ENQUEUE_SCRIPT for `calls` (the job id is the call's id);
     ARGV[1], the wake channel prefix, is added by GroupCommit."""
     keys: list[str] = []
     argv: list[Any] = []
     for call in calls:
-        delay_ms = round(call.policy.delay * 1000) if call.policy.delay else 0
+        policy = call.policy
+        delay_ms = round(policy.delay * 1000) if policy.delay else 0
         keys += [
             job_key_prefix + call.id,
             result_key_prefix + call.id,
-            call.policy.queue or default_queue,
+            policy.queue or default_queue,
+            DEDUP_KEY_PREFIX + call.id,
         ]
         argv += [
             call.id,
-            job_payload(call, now_ms),
+            job_payload(call, now_ms, default_queue=default_queue, signer=signer),
             delay_ms + expires_extra_ms,
             now_ms + delay_ms,
+            max(1, round(policy.key_ttl * 1000)) if policy.key is not None else 0,
         ]
     return keys, argv
 
 
 Send = Callable[[list[str], list[Any]], Awaitable[list[bytes]]]
-_Waiting = tuple[list[str], list[Any], "asyncio.Future[set[str]]"]
-_Entry = tuple[list[str], list[Any], "asyncio.Future[set[str]] | None"]
+Skipped = dict[str, str]
+"""Ids of the jobs a script call skipped, with the reason: 'duplicate' or 'exists'."""
+_Waiting = tuple[list[str], list[Any], "asyncio.Future[Skipped]"]
+_Entry = tuple[list[str], list[Any], "asyncio.Future[Skipped] | None"]
 
 
 class GroupCommit:
@@ -126,10 +179,11 @@ class GroupCommit:
         self._busy = False
         self._sender: asyncio.Task[None] | None = None
 
-    async def submit(self, keys: list[str], argv: list[Any]) -> set[str]:
-        """Have one batch sent; return the ids of the jobs in the call that were skipped."""
+    async def submit(self, keys: list[str], argv: list[Any]) -> Skipped:
+        """Have one batch sent; return the jobs of the script call that were skipped (the
+        batch's own among them), by id, with the reason."""
         if self._busy:
-            future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Skipped] = asyncio.get_running_loop().create_future()
             self._waiting.append((keys, argv, future))
             return await future
         self._busy = True
@@ -148,10 +202,11 @@ class GroupCommit:
         if self._sender is not None:
             await asyncio.gather(self._sender, return_exceptions=True)
 
-    async def _send_group(self, group: Sequence[_Entry]) -> set[str]:
+    async def _send_group(self, group: Sequence[_Entry]) -> Skipped:
         keys = [key for entry in group for key in entry[0]]
         argv = [WAKE_CHANNEL_PREFIX, *(arg for entry in group for arg in entry[1])]
-        return {job_id.decode() for job_id in await self._send(keys, argv)}
+        flat = await self._send(keys, argv)
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
 
     async def _send_waiting(self) -> None:
         try:
@@ -159,7 +214,7 @@ class GroupCommit:
                 group: list[_Waiting] = []
                 jobs = 0
                 while self._waiting:
-                    size = len(self._waiting[0][0]) // 3  # three keys per job
+                    size = len(self._waiting[0][0]) // _KEYS_PER_JOB
                     if group and jobs + size > self._most_jobs:
                         break  # a script blocks Redis while it runs: keep each one short
                     group.append(self._waiting.popleft())

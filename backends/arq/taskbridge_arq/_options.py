@@ -59,6 +59,8 @@ class ArqOptions(BackendOptions):
     """Seconds between those retries."""
     max_connections: int | None = Field(default=None, ge=1)
     """Size limit of the API process's connection pool (unbounded by default)."""
+    cancel_wait: float = Field(default=5.0, ge=0)
+    """Seconds `cancel()` waits for a worker to acknowledge the abort of a running job."""
 
     @field_validator("redis_url")
     @classmethod

@@ -6,8 +6,10 @@ average. Here the pause between polls ends early when:
   becomes due before the pause would end);
 - a retry this worker scheduled becomes due;
 - a job finishes while the worker was full, or a poll read as many ids as it may (more wait).
-The pause still ends after `poll_delay` at the latest, so aborts, health checks and jobs from
-enqueuers that do not announce (ARQ's own `enqueue_job`) are handled as in ARQ.
+An abort announced by `ArqBackend.cancel` ends the pause even when the worker is full, so the
+running job is cancelled at once. The pause still ends after `poll_delay` at the latest, so
+aborts made with ARQ's own `Job.abort`, health checks and jobs from enqueuers that do not
+announce (ARQ's own `enqueue_job`) are handled as in ARQ.
 """
 
 from __future__ import annotations
@@ -29,12 +31,23 @@ class WakeUps:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self._work = False
+        self._abort = False
         self._due: list[int] = []
 
     def work(self) -> None:
         """There may be work to start now."""
         self._work = True
         self._event.set()
+
+    def abort(self) -> None:
+        """A running job may have to be aborted: check now, full or not."""
+        self._abort = True
+        self._event.set()
+
+    def take_abort(self) -> bool:
+        """Whether an abort was announced since the last call (and forget it)."""
+        requested, self._abort = self._abort, False
+        return requested
 
     def due_at(self, due_ms: int) -> None:
         """A job becomes due at `due_ms` (epoch ms, the queue's score)."""
@@ -49,10 +62,12 @@ class WakeUps:
             self._event.set()  # the waiter recomputes its timeout
 
     async def wait(self, longest: float, can_start: Callable[[], bool]) -> None:
-        """Return when there is work and `can_start()`, or after `longest` seconds.
+        """Return when there is work and `can_start()`, when an abort is announced, or after
+        `longest` seconds.
 
         Announcements arriving while the caller polls are kept for the next wait, so none is
-        lost between a poll and the wait after it.
+        lost between a poll and the wait after it; work announced while the caller cannot start
+        any is kept until it can.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + longest
@@ -61,7 +76,7 @@ class WakeUps:
             while self._due and self._due[0] <= now_ms:
                 heapq.heappop(self._due)
                 self._work = True
-            if self._work and can_start():
+            if self._abort or (self._work and can_start()):
                 break
             timeout = deadline - loop.time()
             if timeout <= 0:
@@ -74,4 +89,5 @@ class WakeUps:
                     await self._event.wait()
             except TimeoutError:
                 pass
-        self._work = False
+        if can_start():
+            self._work = False

@@ -1,4 +1,11 @@
-"""The ARQ worker for a bridge: one ARQ function per task, each running it through the runner."""
+"""The ARQ worker for a bridge: one ARQ function per task, each running it through the runner.
+
+Compared with ARQ's Worker, a taskbridge worker also: polls as soon as work is announced
+(`_wakeups`); claims the due jobs of a poll in one Lua script, which records each attempt's start
+time as the value of ARQ's in-progress key; verifies signatures (with a `signing_key`); stores
+progress the tasks report (`_progress`); and never aborts a running `def` task, whose thread
+could not be stopped (the job would read "cancelled" while the task runs on).
+"""
 
 from __future__ import annotations
 
@@ -10,21 +17,30 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio.to_thread
+from arq.constants import abort_job_max_age, abort_jobs_ss, in_progress_key_prefix
+from arq.constants import result_key_prefix as result_prefix
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, Worker, func
 from redis.asyncio.client import PubSub
+from redis.commands.core import AsyncScript
 
 from taskbridge import ConfigurationError, MessageError, TaskBridge
 from taskbridge.backends import Policy, Task, encode_json, run, with_execution_fields
 
-from ._dispatch import DEFAULT_EXECUTION_FIELDS, POLICY_KWARG, WAKE_CHANNEL_PREFIX
+from ._dispatch import (
+    DEFAULT_EXECUTION_FIELDS,
+    POLICY_KWARG,
+    SIGNATURE_FIELD,
+    WAKE_CHANNEL_PREFIX,
+)
 from ._options import ArqOptions
+from ._progress import ProgressReporter
 from ._wakeups import WakeUps
 
 if TYPE_CHECKING:
     from arq.typing import WorkerCoroutine
 
-__all__ = ["TaskbridgeWorker", "job_functions"]
+__all__ = ["ABORT_MESSAGE", "CLAIM_SCRIPT", "TaskbridgeWorker", "job_functions"]
 
 logger = logging.getLogger("taskbridge.arq")
 
@@ -40,18 +56,73 @@ _MAX_CACHED_POLICIES = 64
 _RETRY_MARGIN_MS = 2
 """ARQ computes a retry's score a moment after the task decided it; wake no earlier than that."""
 
+ABORT_MESSAGE = "abort"
+"""Published on a queue's wake channel by `ArqBackend.cancel` after it asked for an abort."""
+
+# KEYS[1]: the queue; then per candidate, its in-progress key and result key. ARGV: now (ms),
+# the lock's lifetime (ms), how many jobs to claim at most, then the candidates' ids. Claims, in
+# order, each candidate that is due, not locked and has no result: its in-progress key is set to
+# now, the attempt's start time. A candidate that has a result (cancelled while queued) leaves
+# the queue. Returns how many candidates it examined, then, flat, (id, score) of each claimed.
+CLAIM_SCRIPT = """
+local now, most = tonumber(ARGV[1]), tonumber(ARGV[3])
+local claimed = {0}
+local count = 0
+for i = 1, #ARGV - 3 do
+  if count >= most then
+    break
+  end
+  claimed[1] = i
+  local id = ARGV[i + 3]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and tonumber(score) <= now and redis.call('EXISTS', KEYS[2 * i]) == 0 then
+    if redis.call('EXISTS', KEYS[2 * i + 1]) == 1 then
+      redis.call('ZREM', KEYS[1], id)
+    else
+      redis.call('PSETEX', KEYS[2 * i], ARGV[2], ARGV[1])
+      claimed[#claimed + 1] = id
+      claimed[#claimed + 1] = score
+      count = count + 1
+    end
+  end
+end
+return claimed
+"""
+
 
 def job_functions(
-    bridge: TaskBridge, alias: str, options: ArqOptions, wakeups: WakeUps
+    bridge: TaskBridge,
+    alias: str,
+    options: ArqOptions,
+    wakeups: WakeUps,
+    *,
+    reporter: ProgressReporter | None = None,
+    threads: set[str] | None = None,
 ) -> list[Function]:
-    """One ARQ function per task registered on `bridge`, named as the task."""
-    return [_job_function(task, alias, options, wakeups) for task in bridge.tasks.values()]
+    """One ARQ function per task registered on `bridge`, named as the task.
+
+    `reporter` stores the progress tasks report; `threads` holds the ids of the jobs running a
+    `def` task at the moment.
+    """
+    if threads is None:
+        threads = set()
+    return [
+        _job_function(task, alias, options, wakeups, reporter, threads)
+        for task in bridge.tasks.values()
+    ]
 
 
 def _job_function(
-    task: Task[..., Any], alias: str, options: ArqOptions, wakeups: WakeUps
+    task: Task[..., Any],
+    alias: str,
+    options: ArqOptions,
+    wakeups: WakeUps,
+    reporter: ProgressReporter | None,
+    threads: set[str],
 ) -> Function:
     worker_policy = task.bridge.resolve(task).policy
+    signer = task.bridge.signer
+    in_thread = not task.is_async
     limit = max(options.job_timeout, worker_policy.timeout or 0.0)
     policies: dict[Hashable, Policy] = {}
 
@@ -70,14 +141,41 @@ def _job_function(
 
     # `ctx` is positional-only so that a task's own keyword argument `ctx` reaches the task.
     async def job(ctx: dict[str, Any], /, *args: Any, **kwargs: Any) -> Any:
-        policy = policy_for(kwargs.pop(POLICY_KWARG, None))
+        job_id: str = ctx["job_id"]
+        carried = kwargs.pop(POLICY_KWARG, None)
+        signature = None
+        if isinstance(carried, dict) and SIGNATURE_FIELD in carried:
+            # A copy: ARQ stores the job's own kwargs (signature included) with the result.
+            carried = dict(carried)
+            signature = carried.pop(SIGNATURE_FIELD)
+        if signer is not None:
+            signed = kwargs if carried is None else {**kwargs, POLICY_KWARG: carried}
+            try:
+                signer.verify(signature, job_id, task.name, args, signed)
+            except MessageError as exc:
+                # Not retried: ARQ stores the error as the job's result and carries on.
+                logger.error("job %s rejected: %s", job_id, exc)
+                raise
+        policy = policy_for(carried)
         attempt: int = ctx["job_try"]
         most = max(policy.retries + 1, options.max_tries)
         if attempt > most:
             raise JobExecutionFailed(f"max {most} tries exceeded")
-        outcome = await run(
-            task, args, kwargs, call_id=ctx["job_id"], policy=policy, attempt=attempt
-        )
+        if in_thread:
+            threads.add(job_id)
+        try:
+            outcome = await run(
+                task,
+                args,
+                kwargs,
+                call_id=job_id,
+                policy=policy,
+                attempt=attempt,
+                reporter=reporter,
+            )
+        finally:
+            if in_thread:
+                threads.discard(job_id)
         if outcome.state == "succeeded":
             _check_result(task, outcome.value)
             return outcome.value
@@ -149,20 +247,28 @@ class TaskbridgeWorker(Worker):
         *,
         wakeups: WakeUps,
         poll_delay: float,
+        reporter: ProgressReporter | None = None,
+        threads: set[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(functions, poll_delay=0, **kwargs)
         self.wakeups = wakeups
+        self.reporter = reporter
+        self.threads = threads if threads is not None else set()
+        """Ids of the jobs running a `def` task here (shared with the job functions)."""
         self.wake_channel = WAKE_CHANNEL_PREFIX + self.queue_name
         self._poll_delay = poll_delay
         self._polled = False
         self._listener: asyncio.Task[None] | None = None
         self._aborts_checked = float("-inf")
         self._refill: asyncio.TimerHandle | None = None
+        self._claim: AsyncScript | None = None
 
     async def main(self) -> None:
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = max(limiter.total_tokens, self.max_jobs)
+        if self.reporter is not None:
+            self.reporter.bind(self.pool, asyncio.get_running_loop())
         pubsub = self.pool.pubsub()
         try:
             await self._subscribe(pubsub)
@@ -202,6 +308,9 @@ class TaskbridgeWorker(Worker):
                 continue
             if message is None:
                 continue
+            if message["data"] == ABORT_MESSAGE.encode():
+                self.wakeups.abort()
+                continue
             try:
                 self.wakeups.due_at(int(message["data"]))
             except (TypeError, ValueError):
@@ -217,20 +326,78 @@ class TaskbridgeWorker(Worker):
         await super()._poll_iteration()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Start the due jobs among `job_ids` while there are free slots.
+
+        ARQ locks each job in four round trips (WATCH, EXISTS, ZSCORE, MULTI/PSETEX/EXEC); here
+        one CLAIM_SCRIPT call locks as many as there are free slots, with the same checks,
+        atomically. Slots freed meanwhile (short jobs end within a round trip or two) are filled
+        from the same ids at once, as ARQ's loop over them does, rather than at the next poll.
+        The lock's value is the start time, which `ArqBackend.status` reports as `started_at`.
+        """
         if len(job_ids) >= self.queue_read_limit:
             self.wakeups.work()  # the read was capped: more jobs may be due
-        # A job running here is in progress: ARQ would spend three round trips to learn it.
         running = self.tasks
-        await super().start_jobs(
-            [i for i in job_ids if (t := running.get(i.decode())) is None or t.done()]
-        )
+        candidates = [
+            job_id
+            for job_id in (raw.decode() for raw in job_ids)
+            if (t := running.get(job_id)) is None or t.done()  # running here: locked
+        ]
+        if self._claim is None:
+            self._claim = self.pool.register_script(CLAIM_SCRIPT)
+        lock_ms = int(self.in_progress_timeout_s * 1000)
+        while candidates and self.allow_pick_jobs:  # a shutdown signal stops picking
+            free = self.max_jobs - self.job_counter
+            if free <= 0:
+                return
+            window = candidates[: 2 * free]  # most are claimable; the rest wait for a loop
+            keys = [self.queue_name]
+            for job_id in window:
+                keys += [in_progress_key_prefix + job_id, result_prefix + job_id]
+            reply: list[Any] = await self._claim(
+                keys=keys, args=[timestamp_ms(), lock_ms, free, *window], client=self.pool
+            )
+            del candidates[: int(reply[0])]
+            for i in range(1, len(reply), 2):
+                job_id, score = reply[i].decode(), int(float(reply[i + 1]))
+                await self.sem.acquire()  # never waits: a slot is free
+                self.job_counter += 1
+                task = self.loop.create_task(self.run_job(job_id, score))
+                task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+                self.tasks[job_id] = task
 
     async def _cancel_aborted_jobs(self) -> None:
-        # Polls come much more often than ARQ's every poll_delay; aborts need not be seen faster.
+        """Cancel the running jobs in ARQ's abort set, except `def` tasks, which are left to
+        finish (their abort request is dropped, with a warning)."""
+        # Polls come much more often than ARQ's every poll_delay; aborts need not be seen faster
+        # unless one was announced.
         now = asyncio.get_running_loop().time()
-        if now - self._aborts_checked >= _ABORT_CHECK_INTERVAL:
-            self._aborts_checked = now
-            await super()._cancel_aborted_jobs()
+        if not self.wakeups.take_abort() and now - self._aborts_checked < _ABORT_CHECK_INTERVAL:
+            return
+        self._aborts_checked = now
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.zrange(abort_jobs_ss, start=0, end=-1)
+            # ARQ's own clean-up of the set, kept as it is
+            pipe.zremrangebyscore(
+                abort_jobs_ss, min=timestamp_ms() + abort_job_max_age, max=float("inf")
+            )
+            requested, _ = await pipe.execute()
+        handled: list[str] = []
+        for job_id in (raw.decode() for raw in requested):
+            task = self.job_tasks.get(job_id)
+            if task is None:
+                continue  # not running here (yet): ARQ's run_job sees it before starting
+            handled.append(job_id)
+            if job_id in self.threads:
+                logger.warning(
+                    "job %s runs a def task in a thread, which cannot be interrupted; "
+                    "abort ignored, it will finish",
+                    job_id,
+                )
+                continue
+            self.aborting_tasks.add(job_id)
+            task.cancel()
+        if handled:
+            await self.pool.zrem(abort_jobs_ss, *handled)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         was_full = self.job_counter >= self.max_jobs
@@ -253,6 +420,8 @@ class TaskbridgeWorker(Worker):
             if isinstance(outcome, Exception):
                 logger.error("job %s ended with an error", job_id, exc_info=outcome)
         self.tasks.clear()
+        if self.reporter is not None:
+            await self.reporter.drain()
         # ARQ closes its pool with redis-py's deprecated close(); the warning is ARQ's to fix.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

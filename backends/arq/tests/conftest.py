@@ -20,7 +20,7 @@ import pytest
 import redis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.constants import result_key_prefix as result_prefix
-from taskbridge_arq import ArqBackend
+from taskbridge_arq import DEDUP_KEY_PREFIX, PROGRESS_KEY_PREFIX, WAKE_CHANNEL_PREFIX, ArqBackend
 
 import conftest as root  # the repository's conftest: WorkerProcess, wait_until
 
@@ -37,9 +37,10 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI
 
-from taskbridge import TaskBridge, Tasks, current_task
+from taskbridge import TaskBridge, Tasks, current_task, report_progress
 
 PREFIX = {prefix!r}
 REDIS_URL = {redis_url!r}
@@ -116,7 +117,51 @@ async def sleepy(key: str, seconds: float) -> str:
     return "slept"
 
 
+def _gate(key: str) -> str:
+    """The list a test pushes to, to let a task waiting on `key` go on."""
+    return f"{{PREFIX}}:{{key}}:gate"
+
+
+@bridge.task(backend="arq")
+async def steps_async(key: str) -> dict[str, str]:
+    _record(key, event="started")
+    report_progress(0.4, "halfway")
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await client.blpop([_gate(key)], timeout=10)
+    finally:
+        await client.aclose()
+    return {{"done": key}}
+
+
+@bridge.task(backend="arq")
+def steps_sync(key: str) -> dict[str, str]:
+    _record(key, event="started")
+    report_progress(0.25, "a quarter")
+    _redis().blpop([_gate(key)], timeout=10)
+    _record(key, event="finished")
+    return {{"done": key}}
+
+
+@bridge.task(backend="arq", timeout=60)
+async def guarded(key: str) -> None:
+    _record(key, event="started")
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        _record(key, event="cancelled")
+        raise
+    finally:
+        _record(key, event="cleanup")
+
+
+@bridge.task(backend="arq")
+def count(key: str) -> int:
+    return int(_redis().incr(f"{{PREFIX}}:{{key}}"))
+
+
 app = FastAPI(lifespan=bridge.lifespan)
+app.include_router(bridge.router())
 
 
 @app.post("/signup")
@@ -124,6 +169,11 @@ async def signup(key: str, tasks: Tasks) -> dict[str, list[str]]:
     ids = [tasks.add_task(record_sync, key, "sync", i).id for i in range(3)]
     ids += [tasks.add_task(record_async, key, "async", i).id for i in range(2)]
     return {{"ids": ids}}
+
+
+@app.post("/orders/{{order}}")
+async def place_order(order: str, key: str, tasks: Tasks) -> dict[str, str]:
+    return {{"id": tasks.add_task(count.using(key=f"order-{{order}}"), key).id}}
 '''
 
 
@@ -150,6 +200,26 @@ class ArqApp:
         client = redis.Redis.from_url(self.redis_url)
         try:
             return [json.loads(item) for item in client.lrange(f"{self.prefix}:{key}", 0, -1)]
+        finally:
+            client.close()
+
+    def events(self, key: str) -> list[str]:
+        """The `event` of each record under `key`, oldest first."""
+        return [record.get("event", "") for record in self.records(key)]
+
+    def counter(self, key: str) -> int:
+        """How many times `count(key)` ran."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return int(client.get(f"{self.prefix}:{key}") or 0)
+        finally:
+            client.close()
+
+    def open_gate(self, key: str) -> None:
+        """Let the task waiting on `key` (steps_async, steps_sync) go on."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            client.rpush(f"{self.prefix}:{key}:gate", "go")
         finally:
             client.close()
 
@@ -222,15 +292,22 @@ def retire(worker: root.WorkerProcess) -> int:
 def arq_jobs(redis_url: str) -> Iterator[list[str]]:
     """Collects the ids of the ARQ jobs a test causes; all their keys are deleted after it.
 
-    ARQ's key names are fixed (`arq:job:<id>` ...), so the session clean-up by run_id cannot
-    find them.
+    ARQ's key names are fixed (`arq:job:<id>` ...), and so are taskbridge's progress and dedup
+    keys, so the session clean-up by run_id cannot find them.
     """
     ids: list[str] = []
     yield ids
     if ids:
         client = redis.Redis.from_url(redis_url)
         try:
-            prefixes = (job_key_prefix, result_prefix, in_progress_key_prefix, retry_key_prefix)
+            prefixes = (
+                job_key_prefix,
+                result_prefix,
+                in_progress_key_prefix,
+                retry_key_prefix,
+                PROGRESS_KEY_PREFIX,
+                DEDUP_KEY_PREFIX,
+            )
             client.delete(*(prefix + job_id for job_id in ids for prefix in prefixes))
             client.zrem(abort_jobs_ss, *ids)
         finally:
@@ -244,6 +321,12 @@ class Command:
     client: str
     port: str
     command: str
+
+    @property
+    def is_enqueue(self) -> bool:
+        """Whether this is a call of the enqueue script (whose first ARGV is the wake channel
+        prefix), not of the worker's claim script."""
+        return self.command.startswith("EVALSHA") and WAKE_CHANNEL_PREFIX in self.command
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from arq.jobs import JobStatus
-from taskbridge_arq import POLICY_KWARG, WAKE_CHANNEL_PREFIX, ArqBackend
+from taskbridge_arq import POLICY_KWARG, QUEUE_FIELD, SYNC_FIELD, WAKE_CHANNEL_PREFIX, ArqBackend
 
 from taskbridge import BackendUnavailable, ConfigurationError, TaskArgumentError, TaskBridge
 
@@ -136,7 +136,7 @@ async def test_a_batch_is_one_round_trip_in_arqs_own_format(
         await bridge.dispatch(calls)
 
     ids = [call.id for _, call in calls]
-    [script] = [c for c in commands if c.command.startswith("EVALSHA") and ids[0] in c.command]
+    [script] = [c for c in commands if c.is_enqueue and ids[0] in c.command]
     assert all(job_id in script.command for job_id in ids)
     # Nothing else was sent about these jobs on the connection that sent the script (the
     # worker, which is quick, picks them up on its own connections meanwhile).
@@ -152,9 +152,16 @@ async def test_a_batch_is_one_round_trip_in_arqs_own_format(
     jobs = {job.job_id: job for job in await arq_redis.queued_jobs(queue_name=queue)}
     first, second, delayed = (jobs[i] for i in ids[:3])
     assert (first.function, first.args) == ("arqtest.echo", (1, "two"))
-    assert first.kwargs == {"_job_id": "mine", "_queue_name": "x", "_defer_by": 9, POLICY_KWARG: {}}
+    # echo is a def task (marked, so that cancel knows it cannot be interrupted); later async
+    sync = {SYNC_FIELD: True}
+    assert first.kwargs == {
+        "_job_id": "mine",
+        "_queue_name": "x",
+        "_defer_by": 9,
+        POLICY_KWARG: sync,
+    }
     assert second.args == ([3.5, None],)
-    assert second.kwargs == {"ctx": {"a": True}, POLICY_KWARG: {}}
+    assert second.kwargs == {"ctx": {"a": True}, POLICY_KWARG: sync}
     assert (delayed.args, delayed.kwargs) == ((7,), {POLICY_KWARG: {"retries": 2}})
     assert delayed.score is not None and first.score is not None
     assert before_ms <= first.score < before_ms + 5000
@@ -163,7 +170,7 @@ async def test_a_batch_is_one_round_trip_in_arqs_own_format(
     assert await _arq(bridge).job(ids[2]).status() == JobStatus.deferred
     [routed] = await arq_redis.queued_jobs(queue_name=other)
     assert routed.job_id == ids[3]
-    assert routed.kwargs == {POLICY_KWARG: {"retries": 4}}
+    assert routed.kwargs == {POLICY_KWARG: {"retries": 4, SYNC_FIELD: True, QUEUE_FIELD: other}}
 
     client = redis.Redis.from_url(redis_url)
     try:
@@ -183,11 +190,7 @@ async def test_concurrent_dispatches_share_round_trips(
         handles = await asyncio.gather(*(echo.enqueue(i) for i in range(20)))
     arq_jobs.extend(h.id for h in handles)
 
-    scripts = [
-        c
-        for c in commands
-        if c.command.startswith("EVALSHA") and any(h.id in c.command for h in handles)
-    ]
+    scripts = [c for c in commands if c.is_enqueue and any(h.id in c.command for h in handles)]
     # The first goes at once, alone; the 19 that arrive while it is in flight go together.
     assert [sum(h.id in c.command for h in handles) for c in scripts] == [1, 19]
     jobs = await _arq(bridge).redis.queued_jobs()

@@ -25,7 +25,7 @@ def test_a_requests_tasks_go_in_one_round_trip_and_the_worker_runs_them(
 
     # The 2xx came after Redis accepted all five, in a single command: the script.
     assert len(ids) == 5
-    [script] = [c for c in commands if c.command.startswith("EVALSHA") and ids[0] in c.command]
+    [script] = [c for c in commands if c.is_enqueue and ids[0] in c.command]
     assert all(job_id in script.command for job_id in ids)
     # Nothing else was sent about these jobs on the connection that sent the script (the
     # worker, which is quick, picks them up on its own connections meanwhile).

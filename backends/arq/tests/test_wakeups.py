@@ -66,3 +66,22 @@ async def test_a_full_worker_waits_for_a_free_slot_despite_work() -> None:
     free = True
     wakeups.work()  # what a finishing job does when the worker was full
     assert await _timed(waiting) < 1.0
+
+
+async def test_an_announced_abort_ends_the_wait_of_a_full_worker() -> None:
+    wakeups = WakeUps()
+    waiting = asyncio.ensure_future(wakeups.wait(5, lambda: False))
+    await asyncio.sleep(0)
+    wakeups.abort()
+    assert await _timed(waiting) < 1.0
+    assert wakeups.take_abort() is True
+    assert wakeups.take_abort() is False  # taken once
+
+
+async def test_work_announced_while_full_is_kept_until_a_slot_frees() -> None:
+    wakeups = WakeUps()
+    wakeups.work()
+    wakeups.abort()  # ends the wait, but the worker is still full: the work must not be lost
+    await wakeups.wait(5, lambda: False)
+    wakeups.take_abort()
+    assert await _timed(asyncio.ensure_future(wakeups.wait(5, _always))) < 0.5

@@ -1,0 +1,279 @@
+"""A job's state read from ARQ's own keys, and cancelling a job.
+
+ARQ keeps, per job id:
+
+- `arq:job:<id>`: the job (function, args, kwargs, enqueue time) while it is queued or running;
+- `arq:in-progress:<id>`: the lock a worker holds while the job runs. A taskbridge worker writes
+  the attempt's start time (epoch ms) as its value, where ARQ writes `1`;
+- `arq:retry:<id>`: how many tries have started, until the job finishes;
+- `arq:result:<id>`: the outcome (success, value or exception, try, start and finish times),
+  kept `keep_result` seconds.
+
+taskbridge adds `taskbridge:progress:<id>` (the last progress a task reported, written only when
+it reports) and `taskbridge:key:<id>` (an idempotency key's dedup marker). One MGET reads the
+first five, atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from arq.constants import (
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+
+from taskbridge import MessageError
+from taskbridge.backends import TaskErrorInfo, TaskStatus, decode_json, encode_json, timestamp
+
+from ._dispatch import POLICY_KWARG
+
+__all__ = [
+    "CANCELLED_BEFORE_RETRY",
+    "CANCELLED_BEFORE_START",
+    "CANCEL_SCRIPT",
+    "PROGRESS_KEY_PREFIX",
+    "Snapshot",
+    "cancelled_result",
+    "progress_payload",
+    "read_keys",
+]
+
+PROGRESS_KEY_PREFIX = "taskbridge:progress:"
+"""`<prefix><job id>`: `{"p": fraction, "m": message}`, the last progress the task reported."""
+
+CANCELLED_BEFORE_START = "cancelled before it started"
+"""The message of the CancelledError stored as the result of a job cancelled while queued."""
+CANCELLED_BEFORE_RETRY = "cancelled while waiting to be tried again"
+"""... and of one cancelled between two tries."""
+_NOT_RUNNING = frozenset({CANCELLED_BEFORE_START, CANCELLED_BEFORE_RETRY})
+
+_CANCELLED_TYPES = frozenset({"asyncio.exceptions.CancelledError", "asyncio.CancelledError"})
+"""How an aborted job's result names its exception (ARQ stores the CancelledError)."""
+
+_UNSERIALIZABLE = "arq.jobs.SerializationError"
+"""The error type of a failed result that holds no exception (ARQ could not serialize it)."""
+
+# KEYS: job key, in-progress key, result key, retry key, queue, ARQ's abort set.
+# ARGV: id, now (ms), '1' to abort a running job (else '0'), the cancelled result to store,
+# its lifetime (ms; -1 forever, 0 none kept), the queue's wake channel.
+# Returns 'finished', 'running' (left alone), 'aborting', 'cancelled' or 'gone'.
+CANCEL_SCRIPT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 'finished'
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if ARGV[3] ~= '1' then
+    return 'running'
+  end
+  redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+  redis.call('PUBLISH', ARGV[6], 'abort')
+  return 'aborting'
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 'gone'
+end
+redis.call('DEL', KEYS[1], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+local ttl = tonumber(ARGV[5])
+if ttl < 0 then
+  redis.call('SET', KEYS[3], ARGV[4])
+elseif ttl > 0 then
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ttl)
+end
+return 'cancelled'
+"""
+
+
+def read_keys(job_id: str) -> list[str]:
+    """The keys a status read MGETs, in Snapshot.parse's order."""
+    return [
+        job_key_prefix + job_id,
+        in_progress_key_prefix + job_id,
+        retry_key_prefix + job_id,
+        result_key_prefix + job_id,
+        PROGRESS_KEY_PREFIX + job_id,
+    ]
+
+
+def progress_payload(fraction: float, message: str | None) -> bytes:
+    """The value of a progress key."""
+    return encode_json({"p": fraction, "m": message})
+
+
+def _int(raw: bytes | None) -> int | None:
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
+
+
+def _ms(value: object) -> Any:
+    """A datetime from epoch milliseconds, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return timestamp(value / 1000)
+
+
+def _decoded(raw: bytes | None, what: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    data = decode_json(raw, what)
+    if not isinstance(data, dict):
+        raise MessageError(f"{what} is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The keys of one job, read at one instant."""
+
+    job_id: str
+    job: dict[str, Any] | None
+    """The decoded job, while it is queued or running (None if absent or not JSON)."""
+    queued: bool
+    """Whether the job key exists."""
+    lock: bytes | None
+    """The in-progress key's value: the attempt's start time (ms), or ARQ's `1`."""
+    tries: int
+    """Tries started so far (ARQ's retry counter)."""
+    result: bytes | None
+    progress: bytes | None
+
+    @classmethod
+    def parse(cls, job_id: str, values: Sequence[bytes | None]) -> Snapshot:
+        job_raw, lock, tries, result, progress = values
+        try:
+            job = _decoded(job_raw, "the ARQ job")
+        except MessageError:
+            job = None  # e.g. pickled by a foreign client: the state is still known
+        return cls(job_id, job, job_raw is not None, lock, _int(tries) or 0, result, progress)
+
+    @property
+    def exists(self) -> bool:
+        return self.queued or self.lock is not None or self.result is not None
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether taskbridge queued the job (it carries a policy, and so its task's kind)."""
+        kwargs = self.job.get("k") if self.job else None
+        return isinstance(kwargs, dict) and isinstance(kwargs.get(POLICY_KWARG), dict)
+
+    @property
+    def carried(self) -> Mapping[str, Any]:
+        """The carried policy and metadata of the queued job (empty when there are none)."""
+        kwargs = self.job.get("k") if self.job else None
+        carried = kwargs.get(POLICY_KWARG) if isinstance(kwargs, dict) else None
+        return carried if isinstance(carried, dict) else {}
+
+    def status(self, alias: str) -> TaskStatus | None:
+        """The TaskStatus these keys describe; None when Redis holds nothing of the job."""
+        if not self.exists:
+            return None
+        fields: dict[str, Any] = {"id": self.job_id, "backend": alias}
+        fields.update(self._progress())
+        if self.result is not None:
+            fields.update(_finished(self.result))
+            return TaskStatus(**fields)
+        job = self.job or {}
+        name = job.get("f")
+        fields.update(
+            task_name=name if isinstance(name, str) else None,
+            enqueued_at=_ms(job.get("et")),
+        )
+        if self.lock is not None:
+            started = _int(self.lock)
+            fields.update(
+                state="running",
+                attempts=max(self.tries, 1),
+                started_at=_ms(started) if started is not None and started > 1 else None,
+            )
+        elif self.tries:
+            fields.update(state="retrying", attempts=self.tries)
+        else:
+            fields.update(state="queued", attempts=0)
+        return TaskStatus(**fields)
+
+    def _progress(self) -> dict[str, Any]:
+        try:
+            data = _decoded(self.progress, "the progress")
+        except MessageError:
+            return {}
+        if data is None:
+            return {}
+        fraction, message = data.get("p"), data.get("m")
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            return {}
+        if not 0 <= fraction <= 1:
+            return {}
+        return {
+            "progress": float(fraction),
+            "progress_message": message if isinstance(message, str) else None,
+        }
+
+
+def _finished(raw: bytes) -> dict[str, Any]:
+    """TaskStatus fields from ARQ's result dict (JSON, see `_serializer`)."""
+    try:
+        result = _decoded(raw, "the ARQ result")
+    except MessageError as exc:
+        return {
+            "state": "failed",
+            "error": TaskErrorInfo(type="taskbridge.MessageError", message=str(exc)),
+        }
+    assert result is not None
+    name, tries = result.get("f"), result.get("t")
+    attempts = tries if type(tries) is int else 0
+    fields: dict[str, Any] = {
+        "task_name": name if isinstance(name, str) else None,
+        "attempts": attempts,
+        "enqueued_at": _ms(result.get("et")),
+        "started_at": _ms(result.get("st")),
+        "finished_at": _ms(result.get("ft")),
+    }
+    value = result.get("r")
+    if result.get("s") is True:
+        fields.update(state="succeeded", result=value)
+    elif isinstance(value, dict) and "exception" in value:
+        error_type = str(value["exception"])
+        if error_type in _CANCELLED_TYPES:
+            fields["state"] = "cancelled"
+            if value.get("message") in _NOT_RUNNING:  # written by cancel, not by a try
+                fields["started_at"] = None
+        else:
+            message = value.get("message")
+            fields.update(
+                state="failed",
+                error=TaskErrorInfo(type=error_type, message=str(message or "")),
+            )
+    else:
+        fields.update(state="failed", error=TaskErrorInfo(type=_UNSERIALIZABLE, message=str(value)))
+    return fields
+
+
+def cancelled_result(snapshot: Snapshot, queue: str, now_ms: int) -> bytes:
+    """ARQ's result dict for a job cancelled before its next try: a CancelledError, as ARQ
+    stores for an aborted job, with the tries made so far (0 for a job that never started)."""
+    job = snapshot.job or {}
+    data = {
+        "t": snapshot.tries,
+        "f": job.get("f", "<unknown>"),
+        "a": job.get("a", []),
+        "k": job.get("k", {}),
+        "et": job.get("et", now_ms),
+        "s": False,
+        "r": {
+            "exception": "asyncio.exceptions.CancelledError",
+            "message": CANCELLED_BEFORE_RETRY if snapshot.tries else CANCELLED_BEFORE_START,
+        },
+        "st": now_ms,
+        "ft": now_ms,
+        "q": queue,
+        "id": snapshot.job_id,
+    }
+    return encode_json(data)
