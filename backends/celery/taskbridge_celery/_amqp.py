@@ -121,9 +121,11 @@ class AmqpPublisher:
         """Connect if needed and make one round trip to the broker."""
         await self._submit((), probe=True)
 
-    async def publish(self, messages: Sequence[TaskMessage]) -> None:
-        """Publish `messages`; return once the broker confirmed all of them."""
+    async def publish(self, messages: Sequence[TaskMessage]) -> list[str]:
+        """Publish `messages`; return once the broker confirmed all of them (nothing is
+        skipped here: idempotency keys are taken in the result backend's Redis beforehand)."""
         await self._submit(messages)
+        return []
 
     async def _submit(self, messages: Sequence[TaskMessage], probe: bool = False) -> None:
         self._start()

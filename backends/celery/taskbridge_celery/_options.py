@@ -67,6 +67,12 @@ class CeleryOptions(BackendOptions):
     visibility_timeout: float | None = Field(default=None, gt=0)
     """Redis broker only: seconds before an unacknowledged message is delivered again
     (kombu's default is 3600). Must exceed the longest task and the longest delay."""
+    track_queued: bool = True
+    """Redis broker with a result backend: write a `queued` marker with each call, in the same
+    round trip as the push, so that status says "queued" (not unknown) before a worker starts
+    it. False: the plain LPUSH, and calls not yet started read as unknown."""
+    cancel_wait: float = Field(default=5.0, ge=0)
+    """Seconds `cancel` waits for a worker to stop a running call before answering."""
     celery: dict[str, Any] = Field(default_factory=dict)
     """Any other Celery setting by its lowercase name: `{"worker_max_tasks_per_child": 100}`."""
 

@@ -20,6 +20,7 @@ from typing import Any
 from taskbridge.backends import Policy, TaskCall, execution_fields
 
 __all__ = [
+    "ENQUEUED_HEADER",
     "POLICY_HEADER",
     "SIGNATURE_HEADER",
     "TaskMessage",
@@ -35,6 +36,11 @@ POLICY_HEADER = "taskbridge_policy"
 
 SIGNATURE_HEADER = "taskbridge_signature"
 """Header carrying the call's HMAC when the bridge has a `signing_key`."""
+
+ENQUEUED_HEADER = "taskbridge_enqueued_at"
+"""Header carrying when the call was dispatched (epoch seconds): the `enqueued_at` of its status,
+and what tells a dispatch of a keyed call from an earlier one with the same id. Celery's retries
+keep it, like every header."""
 
 HARD_LIMIT_GRACE = 2.0
 """Seconds between a call's timeout and Celery's hard time limit, which kills the process."""
@@ -56,6 +62,23 @@ class TaskMessage:
     """UTF-8 JSON of `[args, kwargs, embed]`."""
     properties: dict[str, Any]
     """AMQP basic properties besides content type, encoding and priority (always 0)."""
+    key_ttl: float | None = None
+    """Seconds the call's idempotency key is held (None: the call has no key)."""
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return str(self.headers["id"])
+
+    @property
+    def task(self) -> str:
+        """The task name."""
+        return str(self.headers["task"])
+
+    @property
+    def enqueued_at(self) -> float:
+        """When the call was dispatched (epoch seconds)."""
+        return float(self.headers[ENQUEUED_HEADER])
 
 
 def time_limits(policy: Policy, is_async: bool) -> list[float | None]:
@@ -116,12 +139,14 @@ def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
         "stamped_headers": None,
         "stamps": {},
         POLICY_HEADER: execution_fields(policy),
+        ENQUEUED_HEADER: call.enqueued_at,
     }
     signer = call.task.bridge.signer
     if signer is not None:
         headers[SIGNATURE_HEADER] = signer.sign(call.id, call.name, args, call.kwargs)
     properties = {"correlation_id": call.id, "reply_to": "", "delivery_mode": 2}
-    return TaskMessage(policy.queue or default_queue, headers, body, properties)
+    key_ttl = policy.key_ttl if policy.key is not None else None
+    return TaskMessage(policy.queue or default_queue, headers, body, properties, key_ttl)
 
 
 def redis_queue_key(queue: str, transport_options: Mapping[str, Any], priority: int = 0) -> str:

@@ -4,38 +4,67 @@ Each Celery task is a thin adapter: it applies the policy the message carries, r
 through taskbridge's runner (`run_blocking`) and maps the Outcome onto Celery: a value is the
 result, "retry" is `Task.retry` with the runner's backoff (same task id), "failed" re-raises the
 task's own exception for the result backend to store.
+
+With a result backend, each attempt first claims the call (`TaskBridgeRedisBackend.claim`: stores
+STARTED, or finds it revoked and does not run it) and runs with a reporter that stores the
+progress the task reports. `async def` calls running on a threads-pool worker's loops can be
+cancelled by the `taskbridge_cancel` remote-control command.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from taskbridge import MessageError, TaskBridgeError
+from taskbridge import MessageError, TaskBridgeError, current_task
 from taskbridge.backends import (
+    Outcome,
     Policy,
     Task,
+    TaskContext,
     close_thread_loop,
     encode_json,
     run_blocking,
     with_execution_fields,
 )
 
-from ._options import CeleryOptions, celery_config
-from ._protocol import HARD_LIMIT_GRACE, POLICY_HEADER, SIGNATURE_HEADER
+from ._options import CeleryOptions, celery_config, redis_transport
+from ._protocol import ENQUEUED_HEADER, HARD_LIMIT_GRACE, POLICY_HEADER, SIGNATURE_HEADER
+from ._results import TaskBridgeRedisBackend, backend_cls
 
 if TYPE_CHECKING:
     from celery import Celery  # type: ignore[import-untyped]
 
     from taskbridge import TaskBridge
 
-__all__ = ["add_worker_arguments", "build_app", "register_tasks", "run_worker", "worker_queues"]
+__all__ = [
+    "CANCEL_COMMAND",
+    "add_worker_arguments",
+    "build_app",
+    "register_tasks",
+    "restore_interval",
+    "run_worker",
+    "worker_queues",
+]
 
 logger = logging.getLogger("taskbridge.celery")
 
 POOLS = ("prefork", "threads", "solo")
+
+CANCEL_COMMAND = "taskbridge_cancel"
+"""The remote-control command that cancels a running `async def` call (threads pool)."""
+
+_pool: str | None = None
+"""This worker's pool, set by `run_worker` (prefork children inherit it)."""
+
+_running: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
+"""`async def` calls running in this process, by id: the loop and the asyncio task."""
+_cancelling: set[str] = set()
+"""Ids of running calls that `taskbridge_cancel` cancelled."""
 
 
 def build_app(options: CeleryOptions, *, worker: bool = False) -> Celery:
@@ -47,6 +76,9 @@ def build_app(options: CeleryOptions, *, worker: bool = False) -> Celery:
 
     app = Celery("taskbridge", set_as_current=worker)
     app.conf.update(celery_config(options))
+    if options.result_backend is not None:
+        # conf.result_backend stays the configured URL (for Flower and the celery tools).
+        app.backend_cls = backend_cls(options.result_backend)
     return app
 
 
@@ -129,6 +161,9 @@ def _guarded_strategy(celery_task: Any, app: Celery, consumer: Any, **kwargs: An
             error = MessageError(f"message for task {task.name!r} rejected: {problem}")
             request = {
                 "name": task.name,
+                "task": task.name,
+                "retries": headers.get("retries"),
+                ENQUEUED_HEADER: headers.get(ENQUEUED_HEADER),
                 "chord": None,
                 "root_id": headers.get("root_id"),
                 "correlation_id": message.properties.get("correlation_id"),
@@ -151,17 +186,74 @@ class _Request(dict[str, Any]):
             raise AttributeError(name) from None
 
 
+class _Reporter:
+    """Stores the progress a call reports as its PROGRESS result (one Lua script per report)."""
+
+    __slots__ = ("backend", "fields", "request")
+
+    def __init__(
+        self, backend: TaskBridgeRedisBackend, request: Any, fields: dict[str, Any]
+    ) -> None:
+        self.backend, self.request, self.fields = backend, request, fields
+
+    def started(self, context: TaskContext) -> None:
+        """Nothing to store: the claim stored STARTED."""
+
+    def progress(self, context: TaskContext, fraction: float, message: str | None) -> None:
+        self.fields["progress"] = fraction
+        self.fields["progress_message"] = None if message is None else str(message)
+        self.backend.report_progress(self.request, self.fields)
+
+    def finished(self, context: TaskContext, outcome: Outcome) -> None:
+        """Nothing to store: Celery stores the result, the error or the retry."""
+
+
 def _execute(
-    celery_task: Any, task: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    celery_task: Any,
+    task: Task[..., Any],
+    runner_task: Task[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
+    from celery.exceptions import Ignore  # type: ignore[import-untyped]
+
     request = celery_task.request
     # The worker's own resolution gives retry_on (exception classes cannot travel); the
     # message's header gives the dispatcher's retries, backoff and timeout.
     base = task.bridge.resolve(task).policy
     policy = _policy_for(base, getattr(request, POLICY_HEADER, None))
-    outcome = run_blocking(
-        task, args, kwargs, call_id=request.id, policy=policy, attempt=request.retries + 1
-    )
+    backend = celery_task.backend
+    reporter = None
+    if isinstance(backend, TaskBridgeRedisBackend):
+        current, fields = backend.claim(request, _pool, task.is_async)
+        if current is not None:
+            why = (
+                "it was cancelled before it started"
+                if current.get("status") == "REVOKED"
+                else "it already succeeded (its message was delivered again)"
+            )
+            logger.warning("task %s [%s] not run: %s", task.name, request.id, why)
+            raise Ignore()
+        reporter = _Reporter(backend, request, fields)
+    try:
+        outcome = run_blocking(
+            runner_task,
+            args,
+            kwargs,
+            call_id=request.id,
+            policy=policy,
+            attempt=request.retries + 1,
+            reporter=reporter,
+        )
+    except asyncio.CancelledError:
+        if request.id not in _cancelling:
+            raise
+        logger.warning("task %s [%s] cancelled while running", task.name, request.id)
+        backend.mark_as_revoked(request.id, "cancelled while running", request=request)
+        raise Ignore() from None
+    finally:
+        # (a task that swallowed its cancellation ends as it returns)
+        _cancelling.discard(request.id)
     if outcome.state == "succeeded":
         if celery_task.app.conf.result_backend:
             return _check_result(task.name, outcome.value)
@@ -172,9 +264,49 @@ def _execute(
     raise outcome.error
 
 
+def _cancellable(task: Task[..., Any]) -> Task[..., Any]:
+    """`task` with its `async def` function wrapped to register the asyncio task running each
+    call in `_running`, where `taskbridge_cancel` finds it."""
+    func = task.func
+
+    @functools.wraps(func)
+    async def tracked(*args: Any, **kwargs: Any) -> Any:
+        context, running = current_task(), asyncio.current_task()
+        if context is None or running is None:
+            return await func(*args, **kwargs)
+        _running[context.id] = (asyncio.get_running_loop(), running)
+        try:
+            return await func(*args, **kwargs)
+        finally:
+            _running.pop(context.id, None)
+
+    return Task(
+        task.bridge, tracked, task.name, task.decorator_policy, task.using_policy, task.hooks
+    )
+
+
+def cancel_command(state: Any, task_id: str, **_: Any) -> dict[str, str]:
+    """`taskbridge_cancel <task_id>`: cancel the `async def` call running here on a loop of this
+    process (threads and solo pools run calls in the worker process; prefork children are
+    stopped with `revoke(terminate=True)` instead)."""
+    found = _running.get(task_id)
+    if found is None:
+        return {"error": f"task {task_id} is not an async call running in this process"}
+    loop, running = found
+    _cancelling.add(task_id)
+    try:
+        loop.call_soon_threadsafe(running.cancel)
+    except RuntimeError:  # its loop closed: the call ended meanwhile
+        _cancelling.discard(task_id)
+        return {"error": f"task {task_id} ended"}
+    return {"ok": f"cancelling {task_id}"}
+
+
 def _adapter(task: Task[..., Any]) -> Any:
+    runner_task = _cancellable(task) if task.is_async else task
+
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return _execute(self, task, args, kwargs)
+        return _execute(self, task, runner_task, args, kwargs)
 
     run.__name__ = run.__qualname__ = task.name.rpartition(".")[2] or task.name
     run.__doc__ = f"Runs the taskbridge task {task.name!r} through taskbridge's runner."
@@ -200,6 +332,7 @@ def register_tasks(app: Celery, bridge: TaskBridge) -> None:
             max_retries=None,  # the runner decides; Celery's default would stop at 3
             time_limit=None if timeout is None else timeout + HARD_LIMIT_GRACE,
             soft_time_limit=None if timeout is None or task.is_async else timeout,
+            track_started=False,  # the claim stores STARTED (with more), see _execute
             Strategy=staticmethod(_guarded_strategy),
             taskbridge_task=task,
         )
@@ -270,8 +403,52 @@ def _nothing() -> None:
     """The periodic timer's work: none; waking the loop is the point."""
 
 
-def run_worker(app: Celery, queues: list[str], arguments: argparse.Namespace) -> int:
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+"""kombu's Redis `visibility_timeout`."""
+
+
+def restore_interval(options: CeleryOptions) -> float:
+    """Seconds between a Redis-broker worker's checks for messages to deliver again.
+
+    kombu restores unacknowledged messages older than `visibility_timeout` when a worker starts
+    and then only every tenth run of a 10 s timer (so up to 100 s late); the worker checks every
+    half visibility timeout instead, between 0.5 and 10 s.
+    """
+    transport = celery_config(options)["broker_transport_options"]
+    visibility = float(transport.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
+    return max(0.5, min(10.0, visibility / 2))
+
+
+def _restore_often(interval: float) -> Any:
+    """A worker_ready receiver starting the periodic restore of unacknowledged messages."""
+
+    def restore(consumer: Any) -> None:
+        task_consumer = getattr(consumer, "task_consumer", None)
+        channel = getattr(task_consumer, "channel", None)
+        restore_visible = getattr(getattr(channel, "qos", None), "restore_visible", None)
+        if restore_visible is None:  # reconnecting
+            return
+        try:
+            restore_visible(num=getattr(channel, "unacked_restore_limit", None), interval=1)
+        except Exception as exc:  # the consumer reconnects by itself; try again next time
+            logger.debug("could not restore unacknowledged messages: %s", exc)
+
+    def start(sender: Any = None, **_: Any) -> None:
+        if sender is not None:
+            sender.timer.call_repeatedly(interval, restore, (sender,))
+
+    return start
+
+
+def run_worker(
+    app: Celery,
+    queues: list[str],
+    arguments: argparse.Namespace,
+    options: CeleryOptions | None = None,
+) -> int:
     """Run a Celery worker until it is stopped; return its exit code."""
+    global _pool
+    _pool = arguments.pool
     logger.info(
         "taskbridge: Celery worker for %d task(s) on queue(s) %s",
         len(app.tasks) - len([n for n in app.tasks if n.startswith("celery.")]),
@@ -285,6 +462,13 @@ def run_worker(app: Celery, queues: list[str], arguments: argparse.Namespace) ->
     signals.worker_shutdown.connect(_close_loop, weak=False)
     if arguments.pool == "threads":
         signals.worker_ready.connect(_wake_up_often, weak=False)
+    if options is not None and redis_transport(options):
+        signals.worker_ready.connect(_restore_often(restore_interval(options)), weak=False)
+    from celery.worker.control import control_command  # type: ignore[import-untyped]
+
+    control_command(name=CANCEL_COMMAND, args=[("task_id", str)], signature="<task_id>")(
+        cancel_command
+    )
     from celery.utils.nodenames import (  # type: ignore[import-untyped]
         default_nodename,
         host_format,

@@ -9,13 +9,15 @@ are deleted at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +27,7 @@ import pytest
 import redis
 
 from conftest import WorkerProcess, wait_until
-from taskbridge import TaskBridge, TaskHandle
+from taskbridge import TaskBridge, TaskHandle, TaskStatus
 
 HERE = Path(__file__).parent
 APP_SOURCE = HERE / "tbapp.py"
@@ -54,6 +56,35 @@ def celery_env(settings: dict[str, Any]) -> dict[str, str]:
 def run(coroutine_fn: Callable[[], Any]) -> Any:
     """Run an async test step to completion on a fresh event loop."""
     return asyncio.run(coroutine_fn())
+
+
+@contextlib.asynccontextmanager
+async def opened(bridge: TaskBridge) -> AsyncIterator[TaskBridge]:
+    """The bridge, opened for the test's event loop and closed after."""
+    await bridge.open()
+    try:
+        yield bridge
+    finally:
+        await bridge.close()
+
+
+async def until(
+    read: Callable[[], Awaitable[TaskStatus]],
+    predicate: Callable[[TaskStatus], bool],
+    what: str,
+    timeout: float = 15,
+) -> TaskStatus:
+    """Poll `read()` (e.g. `handle.info`) until `predicate` holds; return that status."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        found = await read()
+        if predicate(found):
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}; last status: {found!r}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 @dataclass
@@ -116,6 +147,19 @@ class Stack:
         """Wait until `count` records are under `key`; return them."""
         wait_until(lambda: len(self.records(key)) >= count, timeout, f"{count} run(s) of {key}")
         return self.records(key)
+
+    def open_gate(self, gate: str) -> None:
+        """Let the gated tasks waiting on `gate` go on."""
+        self._store.set(self.prefix + gate, 1, ex=600)
+
+    def control(self, command: str, **arguments: Any) -> Any:
+        """A Celery remote-control command to this stack's worker, with its reply."""
+        app = self.bridge.backend("celery").app  # type: ignore[attr-defined]
+        replies = app.control.broadcast(
+            command, arguments=arguments, destination=[self.hostname], reply=True, timeout=5
+        )
+        assert replies, f"the worker did not answer {command}"
+        return replies[0][self.hostname]
 
     def close(self) -> None:
         self.bridge.backend("celery").app.close()  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from taskbridge import TaskBridge, current_task
+from taskbridge import TaskBridge, current_task, report_progress
 
 _local = threading.local()
 
@@ -45,6 +45,31 @@ def _record(key: str, **seen: Any) -> dict[str, Any]:
     }
     _store().rpush(_key(key), json.dumps(entry))
     return entry
+
+
+GATE_TIMEOUT = 20.0
+"""Seconds a gated task waits for its gate before failing (so a failed test leaves no task
+blocking a worker for long)."""
+
+
+def _gate_open(gate: str) -> bool:
+    return bool(_store().exists(_key(gate)))
+
+
+def _wait_gate(gate: str) -> None:
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while not _gate_open(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate} never opened")
+        time.sleep(0.01)
+
+
+async def _await_gate(gate: str) -> None:
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while not _gate_open(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate} never opened")
+        await asyncio.sleep(0.01)
 
 
 def build(settings: Mapping[str, Any] | None = None, routed_queue: str | None = None) -> TaskBridge:
@@ -107,6 +132,34 @@ def build(settings: Mapping[str, Any] | None = None, routed_queue: str | None = 
     def routed(key: str) -> str:
         _record(key)
         return "routed"
+
+    @bridge.task(name="tb.gated", backend="celery")
+    def gated(
+        key: str, gate: str, fraction: float = 0.4, message: str = "loading"
+    ) -> dict[str, Any]:
+        """Reports progress, then waits until the test sets the Redis key `gate`."""
+        report_progress(fraction, message)
+        _record(key, phase="started")
+        try:
+            _wait_gate(gate)
+        finally:
+            _record(key, phase="cleanup")
+        _record(key, phase="finished")
+        return {"key": key, "pid": os.getpid()}
+
+    @bridge.task(name="tb.agated", backend="celery")
+    async def agated(
+        key: str, gate: str, fraction: float = 0.6, message: str = "rendering"
+    ) -> dict[str, Any]:
+        """`tb.gated` as an async def task."""
+        report_progress(fraction, message)
+        _record(key, phase="started")
+        try:
+            await _await_gate(gate)
+        finally:
+            _record(key, phase="cleanup")
+        _record(key, phase="finished")
+        return {"key": key, "pid": os.getpid()}
 
     return bridge
 

@@ -86,6 +86,7 @@ def test_messages_are_the_ones_celery_itself_sends(
         finally:
             await bridge.close()
 
+    before = time.time()
     our_id = run(ours)
     app = bridge.backend("celery").app  # type: ignore[attr-defined]
     celery_id = str(uuid.uuid4())
@@ -97,12 +98,16 @@ def test_messages_are_the_ones_celery_itself_sends(
         task_id=celery_id,
         time_limit=7.0,
         soft_time_limit=5.0,
-        headers={"taskbridge_policy": execution_fields(task.policy)},
+        headers={
+            "taskbridge_policy": execution_fields(task.policy),
+            "taskbridge_enqueued_at": 1.5,
+        },
     )
     mine, theirs = read_back(app, queue, 2)
 
     assert (mine.headers["id"], theirs.headers["id"]) == (our_id, celery_id)
-    volatile = {"id", "root_id"}
+    assert before <= mine.headers["taskbridge_enqueued_at"] <= time.time()
+    volatile = {"id", "root_id", "taskbridge_enqueued_at"}
     assert {k: v for k, v in mine.headers.items() if k not in volatile} == {
         k: v for k, v in theirs.headers.items() if k not in volatile
     }

@@ -135,13 +135,43 @@ def test_a_delay_is_accepted_because_celery_supports_it() -> None:
     assert bridge.resolve(later).policy.delay == 30
 
 
-def test_an_idempotency_key_is_refused_rather_than_ignored() -> None:
-    bridge = TaskBridge({"backends": {"celery": {"broker_url": "redis://h/1"}}})
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"broker_url": "redis://h/1"},
+        {"broker_url": "amqp://h//", "result_backend": "redis://h/2"},
+    ],
+    ids=["redis-broker", "amqp-with-redis-results"],
+)
+def test_an_idempotency_key_is_accepted_where_a_redis_can_hold_it(options: dict[str, Any]) -> None:
+    bridge = TaskBridge({"backends": {"celery": options}})
 
     @bridge.task(backend="celery")
     def charge(order: int) -> None:
         """Only validated."""
 
     bridge.validate()
-    with pytest.raises(ConfigurationError, match="cannot deduplicate"):
+    _, call = bridge.prepare(charge.using(key="order-1"), (1,), {})
+    assert call.policy.key == "order-1"
+
+
+def test_an_idempotency_key_without_any_redis_is_refused_rather_than_ignored() -> None:
+    bridge = TaskBridge({"backends": {"celery": {"broker_url": "amqp://u:secret@h//"}}})
+
+    @bridge.task(backend="celery")
+    def charge(order: int) -> None:
+        """Only validated."""
+
+    bridge.validate()
+    with pytest.raises(ConfigurationError, match="cannot deduplicate") as raised:
         bridge.prepare(charge.using(key="order-1"), (1,), {})
+    message = str(raised.value)
+    assert "neither a Redis broker nor a Redis result_backend" in message
+    assert "secret" not in message
+
+
+def test_status_needs_a_result_backend() -> None:
+    assert CeleryBackend.supports_status and CeleryBackend.supports_cancel
+    without = backend()
+    assert without.supports_status is False and without.supports_cancel
+    assert backend(result_backend="redis://localhost:6379/4").supports_status is True

@@ -1,0 +1,218 @@
+"""Redis keys and Lua scripts shared by the API side and the worker.
+
+Celery keeps a call's state in the result backend under `celery-task-meta-<id>` (after kombu's
+`global_keyprefix`), as JSON: `{"status", "result", "traceback", "children", "date_done",
+"task_id"}`. taskbridge adds one field, `"taskbridge"`, with what Celery does not keep: the task
+name, the attempt, when the call was enqueued and started, where it runs (hostname, pool, pid),
+the last progress it reported, and when it finished (epoch seconds). Celery's tools ignore it.
+
+Two keys of taskbridge's own, under the alias's `key_prefix`:
+
+- `taskbridge:queued:<id>`: written with the message, in the same round trip, when the broker is
+  Redis and there is a result backend, so that a call no worker took yet reads as "queued"
+  rather than Celery's PENDING ("unknown"). It expires with the results (`result_expires`).
+- `taskbridge:key:<id>`: held for `key_ttl` by the first dispatch of a call with an idempotency
+  key; a dispatch that finds it held publishes nothing.
+
+Both hold the same small JSON: `{"task": name, "enqueued_at": epoch seconds}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from ._options import CeleryOptions, celery_config
+
+__all__ = [
+    "CLAIM_SCRIPT",
+    "DISPATCH_SCRIPT",
+    "PROGRESS_SCRIPT",
+    "REVOKE_SCRIPT",
+    "TB_FIELD",
+    "dedup_key",
+    "marker_value",
+    "queued_key",
+    "result_expires",
+    "result_key",
+    "result_key_prefix",
+]
+
+TB_FIELD = "taskbridge"
+"""The field taskbridge adds to Celery's result meta."""
+
+DEFAULT_EXPIRES = 86400
+"""Celery's default `result_expires` (one day), also the life of markers without one."""
+
+
+def result_key_prefix(options: CeleryOptions) -> str:
+    """The prefix of Celery's result keys, as its Redis backend computes it
+    (`KeyValueStoreBackend._add_global_keyprefix`: a separator is added when missing)."""
+    config = celery_config(options)
+    prefix = (config.get("result_backend_transport_options") or {}).get("global_keyprefix")
+    if prefix:
+        if prefix[-1] not in ":_-.":
+            prefix += "_"
+        return f"{prefix}celery-task-meta-"
+    return "celery-task-meta-"
+
+
+def result_key(prefix: str, task_id: str) -> str:
+    return f"{prefix}{task_id}"
+
+
+def own_prefix(options: CeleryOptions) -> str:
+    """The prefix of taskbridge's own keys: the alias's `key_prefix`, as kombu uses it."""
+    return options.key_prefix or ""
+
+
+def queued_key(prefix: str, task_id: str) -> str:
+    return f"{prefix}taskbridge:queued:{task_id}"
+
+
+def dedup_key(prefix: str, task_id: str) -> str:
+    return f"{prefix}taskbridge:key:{task_id}"
+
+
+_names: dict[str, bytes] = {}
+
+
+def marker_value(task_name: str, enqueued_at: float) -> bytes:
+    """`{"task": task_name, "enqueued_at": enqueued_at}` as JSON (built cheaply: once per call
+    on the dispatch path)."""
+    name = _names.get(task_name)
+    if name is None:
+        name = _names[task_name] = json.dumps(task_name).encode()
+    return b'{"task":%b,"enqueued_at":%b}' % (name, repr(float(enqueued_at)).encode())
+
+
+def result_expires(options: CeleryOptions) -> int:
+    """Seconds Celery keeps results (`result_expires`); 0 when they never expire."""
+    value: Any = options.celery.get("result_expires", DEFAULT_EXPIRES)
+    if value is None:
+        return 0
+    if isinstance(value, timedelta):
+        return int(value.total_seconds())
+    return int(float(value))
+
+
+def decode_json(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A JSON object from Redis, or None when absent or not an object."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def tb_fields(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `taskbridge` field of a result meta (empty when absent)."""
+    if meta is None:
+        return {}
+    found = meta.get(TB_FIELD)
+    return dict(found) if isinstance(found, Mapping) else {}
+
+
+# Dispatch on a Redis broker, in one round trip.
+# ARGV[1]: number of binding keys B; ARGV[2]: marker life in ms (0: write no marker);
+# ARGV[3..2+B]: binding members. KEYS[1..B]: binding keys.
+# Then per message, 3 keys (queue list, queued marker, dedup key) and 3 arguments (envelope,
+# marker value, key life in ms, 0 for a call without an idempotency key).
+# Returns the 1-based positions of the messages skipped because their dedup key was held.
+DISPATCH_SCRIPT = """
+local bindings = tonumber(ARGV[1])
+local marker_ttl = tonumber(ARGV[2])
+for i = 1, bindings do
+  redis.call('SADD', KEYS[i], ARGV[2 + i])
+end
+local skipped = {}
+local k, a, position = bindings, 2 + bindings, 0
+while k < #KEYS do
+  position = position + 1
+  local key_ttl = tonumber(ARGV[a + 3])
+  local push = true
+  if key_ttl > 0 then
+    push = redis.call('SET', KEYS[k + 3], ARGV[a + 2], 'NX', 'PX', key_ttl) ~= false
+  end
+  if push then
+    if marker_ttl > 0 then
+      redis.call('SET', KEYS[k + 2], ARGV[a + 2], 'PX', marker_ttl)
+    end
+    redis.call('LPUSH', KEYS[k + 1], ARGV[a + 1])
+  else
+    skipped[#skipped + 1] = position
+  end
+  k, a = k + 3, a + 3
+end
+return skipped
+"""
+
+# The worker's claim of a call, before it runs: store STARTED unless the result says the call
+# was revoked or already succeeded (then return that result and do not run it).
+# A REVOKED or SUCCESS result belongs to this dispatch unless it names another enqueue time:
+# a call keyed again after its key_ttl reuses the id, and must run.
+# KEYS[1]: result key. ARGV[1]: STARTED meta; ARGV[2]: expiry in s (0: none);
+# ARGV[3]: the message's enqueue time ('' when it has none).
+CLAIM_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and (meta.status == 'REVOKED' or meta.status == 'SUCCESS') then
+    local tb = meta.taskbridge
+    local theirs = nil
+    if type(tb) == 'table' then theirs = tonumber(tb.enqueued_at) end
+    local mine = tonumber(ARGV[3])
+    if theirs == nil or mine == nil or theirs == mine then
+      return current
+    end
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return false
+"""
+
+# A progress report: replace the running attempt's meta, never a final or revoked one.
+# KEYS[1]: result key. ARGV[1]: PROGRESS meta; ARGV[2]: expiry in s (0: none).
+PROGRESS_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if not ok or type(meta) ~= 'table' then return 0 end
+  if meta.status ~= 'STARTED' and meta.status ~= 'PROGRESS' then return 0 end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+# Cancel a call that has not started: store REVOKED unless a worker claimed it meanwhile (or it
+# ended); the worker's claim then refuses to run it. Returns false when revoked, else the
+# current result (the caller goes on with what it says).
+# KEYS[1]: result key. ARGV[1]: REVOKED meta; ARGV[2]: expiry in s (0: none).
+REVOKE_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if not ok or type(meta) ~= 'table' then return current end
+  if meta.status ~= 'PENDING' and meta.status ~= 'RETRY' then return current end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return false
+"""

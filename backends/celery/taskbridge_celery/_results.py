@@ -1,0 +1,138 @@
+"""Celery's Redis result backend, keeping what taskbridge's status needs next to each result.
+
+Installed on the apps `build_app` makes (worker and API side) when the alias has a result
+backend. It stores exactly what Celery stores, plus the `taskbridge` field (see `_keys`), and
+adds two operations the worker uses instead of Celery's own writes:
+
+- `claim`: before an attempt runs, one Lua script stores STARTED, unless the result says the call
+  was revoked (cancelled before it started, possibly while no worker was running) or already
+  succeeded (a redelivered message): then the attempt does not run. It replaces Celery's
+  `task_track_started` write (a GET, then SET and PUBLISH), so it costs no extra round trip.
+- `report_progress`: one Lua script stores PROGRESS with the task's fraction and message, only
+  over the running attempt's own STARTED/PROGRESS.
+
+Every other store (SUCCESS, FAILURE, RETRY, REVOKED) merges the `taskbridge` field of the meta it
+replaces, which Celery reads anyway (its SUCCESS guard), so the start time, worker and progress
+survive into the final state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import states  # type: ignore[import-untyped]
+from celery.backends.redis import RedisBackend  # type: ignore[import-untyped]
+from celery.exceptions import BackendStoreError  # type: ignore[import-untyped]
+from kombu.utils.encoding import bytes_to_str  # type: ignore[import-untyped]
+
+from ._keys import CLAIM_SCRIPT, PROGRESS_SCRIPT, TB_FIELD, tb_fields
+from ._protocol import ENQUEUED_HEADER
+
+__all__ = ["TaskBridgeRedisBackend", "backend_cls", "request_fields"]
+
+PROGRESS = "PROGRESS"
+"""The state of a running call that reported progress (Celery's custom-state convention)."""
+
+
+def backend_cls(url: str) -> str:
+    """What to set as `app.backend_cls` so that Celery builds this backend for `url`
+    (`<class>+<url>`, Celery's own syntax), leaving `conf.result_backend` as configured."""
+    return f"{__name__}:TaskBridgeRedisBackend+{url}"
+
+
+def request_fields(request: Any, state: str) -> dict[str, Any]:
+    """The `taskbridge` fields a store of `state` for `request` (a Celery Context) sets."""
+    fields: dict[str, Any] = {}
+    if request is not None:
+        name = getattr(request, "task", None)
+        if isinstance(name, str):
+            fields["task"] = name
+        retries = getattr(request, "retries", None)
+        if isinstance(retries, int):
+            fields["attempt"] = retries + 1
+        enqueued = getattr(request, ENQUEUED_HEADER, None)
+        if isinstance(enqueued, int | float) and not isinstance(enqueued, bool):
+            fields["enqueued_at"] = enqueued
+    if state in states.READY_STATES:
+        fields["finished_at"] = time.time()
+    return fields
+
+
+class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's RedisBackend, with the `taskbridge` field, `claim` and `report_progress`."""
+
+    _claim_script: Any = None
+    _progress_script: Any = None
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        # KeyValueStoreBackend._store_result (Celery 5.5/5.6), merging the taskbridge field.
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        current = self._get_task_meta_for(task_id)
+        if current["status"] == states.SUCCESS:
+            return result
+        meta[TB_FIELD] = {**tb_fields(current), **request_fields(request, state)}
+        try:
+            self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        except BackendStoreError as ex:
+            raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
+        return result
+
+    def _meta(self, request: Any, state: str, result: Any, fields: dict[str, Any]) -> bytes:
+        meta = self._get_result_meta(result=result, state=state, traceback=None, request=request)
+        meta["task_id"] = request.id
+        meta[TB_FIELD] = fields
+        encoded: bytes | str = self.encode(meta)
+        return encoded.encode() if isinstance(encoded, str) else encoded
+
+    def claim(
+        self, request: Any, pool: str | None, is_async: bool
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """Store STARTED for the attempt `request` is about to run, unless the call was revoked
+        or already succeeded. Returns (that result meta, or None when the attempt may run; the
+        `taskbridge` fields of the attempt, for its progress reports)."""
+        now = time.time()
+        pid, hostname = os.getpid(), getattr(request, "hostname", None)
+        fields = {
+            **request_fields(request, states.STARTED),
+            "started_at": now,
+            "hostname": hostname,
+            "pid": pid,
+            "pool": pool,
+            "async": is_async,
+        }
+        meta = self._meta(request, states.STARTED, {"pid": pid, "hostname": hostname}, fields)
+        enqueued = fields.get("enqueued_at")
+        args = [meta, self.expires or 0, "" if enqueued is None else repr(enqueued)]
+        key = self.get_key_for_task(request.id)
+        current = self.ensure(self._claim, (key, args))
+        return (None if not current else self.decode(current)), fields
+
+    def _claim(self, key: str, args: list[Any]) -> Any:
+        if self._claim_script is None:
+            self._claim_script = self.client.register_script(CLAIM_SCRIPT)
+        return self._claim_script(keys=[key], args=args)
+
+    def report_progress(self, request: Any, fields: dict[str, Any]) -> None:
+        """Store PROGRESS for the running attempt, with its fields (progress included)."""
+        result = {"progress": fields.get("progress"), "message": fields.get("progress_message")}
+        meta = self._meta(request, PROGRESS, result, fields)
+        key = self.get_key_for_task(request.id)
+        self.ensure(self._progress, (key, [meta, self.expires or 0]))
+
+    def _progress(self, key: str, args: list[Any]) -> Any:
+        if self._progress_script is None:
+            self._progress_script = self.client.register_script(PROGRESS_SCRIPT)
+        return self._progress_script(keys=[key], args=args)
