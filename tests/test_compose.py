@@ -90,6 +90,8 @@ def _local_env(
     env["TASKBRIDGE_BACKENDS__CELERY__KEY_PREFIX"] = unique("celery") + ":"
     env["TASKBRIDGE_BACKENDS__ARQ__QUEUE_NAME"] = unique("crm")
     env["TASKBRIDGE_BACKENDS__ARQ__HEALTH_CHECK_KEY"] = unique("crm-health")
+    # ARQ's job keys cannot carry the run id: let results and progress expire soon
+    env["TASKBRIDGE_BACKENDS__ARQ__KEEP_RESULT"] = "30"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     del redis
     return env
@@ -168,3 +170,12 @@ def test_compose_commands_run_the_example_end_to_end(
         timeout=60,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+    for process in started.values():
+        process.stop()
+    from kombu import Connection
+
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        queue = env["TASKBRIDGE_BACKENDS__CELERY__DEFAULT_QUEUE"]
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)

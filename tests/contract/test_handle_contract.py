@@ -139,6 +139,9 @@ def _backend_env(name: str, redis_url: str, amqp_url: str | None, run_id: str) -
             "TASKBRIDGE_BACKENDS__ARQ__REDIS_URL": redis_url,
             "TASKBRIDGE_BACKENDS__ARQ__QUEUE_NAME": f"{run_id}-contract-arq",
             "TASKBRIDGE_BACKENDS__ARQ__HEALTH_CHECK_KEY": f"{run_id}-contract-arq-health",
+            # ARQ's job keys cannot carry the run id: let results and progress expire soon
+            "TASKBRIDGE_BACKENDS__ARQ__KEEP_RESULT": "30",
+            "TASKBRIDGE_BACKENDS__ARQ__JOB_TIMEOUT": "60",
         }
     broker = amqp_url if name == "celery-amqp" else redis_url
     return {
@@ -202,6 +205,14 @@ def harness(
     finally:
         if worker is not None:
             worker.stop()
+        if amqp_url is not None:
+            from kombu import Connection
+
+            with Connection(amqp_url) as connection:
+                channel = connection.channel()
+                queue = env["TASKBRIDGE_BACKENDS__CELERY__DEFAULT_QUEUE"]
+                channel.queue_delete(queue)
+                channel.exchange_delete(queue)
         record.close()
         patch.undo()
         for key, value in saved.items():
