@@ -70,13 +70,15 @@ class CancelResult(BaseModel):
 class MemoryStatusStore:
     """Status of calls run in this process: bounded in size, entries expire after `ttl` s.
 
-    Thread-safe: the runner updates it from worker threads too.
+    Entries are plain dicts updated in place (the runner writes several times per call, on the
+    request's hot path); a TaskStatus is built only when someone asks. Times may be given as
+    epoch seconds. Thread-safe: the runner updates it from worker threads too.
     """
 
     def __init__(self, max_entries: int = 10_000, ttl: float = 3600.0) -> None:
         self.max_entries = max_entries
         self.ttl = ttl
-        self._entries: OrderedDict[str, tuple[float, TaskStatus]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, task_id: str) -> TaskStatus | None:
@@ -88,18 +90,24 @@ class MemoryStatusStore:
             if time.monotonic() - entry[0] > self.ttl:
                 del self._entries[task_id]
                 return None
-            return entry[1]
+            fields = dict(entry[1])
+        for name in ("enqueued_at", "started_at", "finished_at"):
+            if isinstance(fields.get(name), float):
+                fields[name] = timestamp(fields[name])
+        return TaskStatus(id=task_id, **fields)
 
-    def update(self, task_id: str, **fields: Any) -> TaskStatus:
-        """Merge `fields` into the status of `task_id` (creating it) and return it."""
+    def update(self, task_id: str, **fields: Any) -> None:
+        """Merge `fields` into the status of `task_id`, creating it."""
         with self._lock:
             entry = self._entries.pop(task_id, None)
-            current = entry[1] if entry else TaskStatus(id=task_id)
-            updated = current.model_copy(update=fields)
-            self._entries[task_id] = (time.monotonic(), updated)
-            while len(self._entries) > self.max_entries:
+            if entry is None:
+                entry = (time.monotonic(), fields)
+            else:
+                entry[1].update(fields)
+                entry = (time.monotonic(), entry[1])
+            self._entries[task_id] = entry
+            if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-            return updated
 
     def __len__(self) -> int:
         return len(self._entries)

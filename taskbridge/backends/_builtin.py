@@ -55,7 +55,7 @@ class MemoryReporter:
             task_name=call.name,
             backend=call.policy.backend,
             state="queued",
-            enqueued_at=timestamp(call.enqueued_at),
+            enqueued_at=call.enqueued_at,
         )
 
     def started(self, context: TaskContext) -> None:
@@ -65,7 +65,7 @@ class MemoryReporter:
             backend=context.backend,
             state="running",
             attempts=context.attempt,
-            started_at=timestamp(time.time()),
+            started_at=time.time(),
         )
 
     def progress(self, context: TaskContext, fraction: float, message: str | None) -> None:
@@ -78,7 +78,7 @@ class MemoryReporter:
                 state="succeeded",
                 result=_json_or_repr(outcome.value),
                 error=None,
-                finished_at=timestamp(time.time()),
+                finished_at=time.time(),
             )
         elif outcome.state == "retry":
             assert outcome.error is not None
@@ -89,11 +89,11 @@ class MemoryReporter:
                 context.id,
                 state="failed",
                 error=error_info(outcome.error),
-                finished_at=timestamp(time.time()),
+                finished_at=time.time(),
             )
 
     def cancelled(self, task_id: str) -> None:
-        self.store.update(task_id, state="cancelled", finished_at=timestamp(time.time()))
+        self.store.update(task_id, state="cancelled", finished_at=time.time())
 
 
 class KeyGuard:
