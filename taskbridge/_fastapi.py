@@ -62,7 +62,6 @@ class TaskQueue:
         # the broker was down and the policy allows it: run after the response, like inprocess
         self._bridge.backend("inprocess").defer_in_request(call, self._background)
 
-
     async def _after_handler(self, exc_type: object, exc: object, tb: object) -> bool:
         # Run by FastAPI's per-endpoint exit stack after the handler returned (and its response
         # was built) and before the response is sent; on an exception nothing is dispatched.
