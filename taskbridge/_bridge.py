@@ -25,6 +25,7 @@ from ._settings import TaskBridgeSettings, env_name, load_settings
 from ._signing import Signer
 from ._status import CancelResult, TaskStatus
 from ._task import HookRegistry, Hooks, Task, TaskCall
+from ._tracing import capture
 from .backends import Backend, load_backend_class
 from .backends._builtin import InProcessBackend, spawn_in_process
 
@@ -318,7 +319,7 @@ class TaskBridge(HookRegistry):
         if backend.runs_in_process:
             if self.settings.strict_arguments:
                 normalize_arguments(task.signature, task.name, args, kwargs)
-            return backend, TaskCall(task_id, task, args, dict(kwargs), policy)
+            return backend, TaskCall(task_id, task, args, dict(kwargs), policy, trace=capture())
         json_args, json_kwargs = normalize_arguments(task.signature, task.name, args, kwargs)
         limit = self.settings.max_argument_bytes
         if limit is not None and (size := len(encode_json([json_args, json_kwargs]))) > limit:
@@ -328,7 +329,7 @@ class TaskBridge(HookRegistry):
                 "instead of the data",
                 task_name=task.name,
             )
-        return backend, TaskCall(task_id, task, json_args, json_kwargs, policy)
+        return backend, TaskCall(task_id, task, json_args, json_kwargs, policy, trace=capture())
 
     async def dispatch(
         self,

@@ -24,6 +24,7 @@ import anyio.to_thread
 from ._handle import TaskHandle
 from ._policy import Policy
 from ._task import Task
+from ._tracing import span
 
 __all__ = [
     "Outcome",
@@ -205,6 +206,7 @@ async def run(
     policy: Policy,
     attempt: int = 1,
     reporter: StatusReporter | None = None,
+    trace: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Execute one attempt on the running event loop; never raises for the task's own errors.
 
@@ -217,14 +219,8 @@ async def run(
     _report(reporter, "started", context)
     started = time.perf_counter()
     try:
-        if task.is_async:
-            value = await _with_timeout(task.func(*args, **kwargs), policy.timeout)
-        else:
-            call = functools.partial(task.func, *args, **kwargs)
-            value = await _with_timeout(
-                anyio.to_thread.run_sync(call, abandon_on_cancel=policy.timeout is not None),
-                policy.timeout,
-            )
+        with span(task.name, call_id, attempt, trace):
+            value = await _execute(task, args, kwargs, policy)
     except Exception as error:
         outcome = _outcome(context, policy, started, error=error)
     else:
@@ -239,6 +235,18 @@ async def run(
     return outcome
 
 
+async def _execute(
+    task: Task[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], policy: Policy
+) -> Any:
+    if task.is_async:
+        return await _with_timeout(task.func(*args, **kwargs), policy.timeout)
+    call = functools.partial(task.func, *args, **kwargs)
+    return await _with_timeout(
+        anyio.to_thread.run_sync(call, abandon_on_cancel=policy.timeout is not None),
+        policy.timeout,
+    )
+
+
 async def run_with_retries(
     task: Task[..., Any],
     args: Sequence[Any],
@@ -247,12 +255,20 @@ async def run_with_retries(
     call_id: str,
     policy: Policy,
     reporter: StatusReporter | None = None,
+    trace: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Execute a call in this process, retrying after the policy's backoff until it settles."""
     attempt = 1
     while True:
         outcome = await run(
-            task, args, kwargs, call_id=call_id, policy=policy, attempt=attempt, reporter=reporter
+            task,
+            args,
+            kwargs,
+            call_id=call_id,
+            policy=policy,
+            attempt=attempt,
+            reporter=reporter,
+            trace=trace,
         )
         if outcome.state != "retry":
             return outcome
@@ -304,6 +320,7 @@ def run_blocking(
     policy: Policy,
     attempt: int = 1,
     reporter: StatusReporter | None = None,
+    trace: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Execute one attempt from synchronous code (a blocking worker such as Celery's).
 
@@ -317,13 +334,14 @@ def run_blocking(
     _report(reporter, "started", context)
     started = time.perf_counter()
     try:
-        if task.is_async:
-            coro: Coroutine[Any, Any, Any] = _with_timeout(
-                task.func(*args, **kwargs), policy.timeout
-            )
-            value = _thread_loop().run_until_complete(coro)
-        else:
-            value = task.func(*args, **kwargs)
+        with span(task.name, call_id, attempt, trace):
+            if task.is_async:
+                coro: Coroutine[Any, Any, Any] = _with_timeout(
+                    task.func(*args, **kwargs), policy.timeout
+                )
+                value = _thread_loop().run_until_complete(coro)
+            else:
+                value = task.func(*args, **kwargs)
     except Exception as error:
         outcome = _outcome(context, policy, started, error=error)
     else:

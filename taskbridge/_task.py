@@ -126,6 +126,9 @@ class TaskCall:
     kwargs: dict[str, Any]
     policy: Policy
     enqueued_at: float = field(default_factory=time.time)
+    trace: dict[str, str] | None = None
+    """The dispatcher's OpenTelemetry context (W3C headers) when it was tracing; backends carry
+    it with the message and give it back to the runner."""
 
     @property
     def name(self) -> str:

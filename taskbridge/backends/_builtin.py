@@ -144,6 +144,7 @@ async def run_in_process(call: TaskCall, reporter: MemoryReporter) -> None:
             call_id=call.id,
             policy=call.policy,
             reporter=reporter,
+            trace=call.trace,
         )
     except asyncio.CancelledError:
         if call.id not in _cancel_requested:
@@ -280,6 +281,7 @@ class ImmediateBackend(_StoreBackend):
                 call_id=call.id,
                 policy=immediate,
                 reporter=reporter,
+                trace=call.trace,
             )
 
 

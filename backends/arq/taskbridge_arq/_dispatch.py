@@ -30,6 +30,7 @@ __all__ = [
     "QUEUE_FIELD",
     "SIGNATURE_FIELD",
     "SYNC_FIELD",
+    "TRACE_FIELD",
     "WAKE_CHANNEL_PREFIX",
     "GroupCommit",
     "batch_arguments",
@@ -49,6 +50,8 @@ cannot be aborted), absent for an `async def` task."""
 QUEUE_FIELD = "queue"
 """In the carried policy: the job's queue, when it is not the backend's default queue (cancel
 removes the job from it)."""
+TRACE_FIELD = "trace"
+"""In the carried policy: the dispatcher's OpenTelemetry context (W3C headers), if tracing."""
 SIGNATURE_FIELD = "signature"
 """In the carried policy, with a `signing_key`: the HMAC of (id, task name, args, kwargs), where
 kwargs include the carried policy without this field."""
@@ -120,6 +123,8 @@ def job_payload(
     queue = call.policy.queue
     if queue is not None and queue != default_queue:
         carried[QUEUE_FIELD] = queue
+    if call.trace:
+        carried[TRACE_FIELD] = call.trace
     kwargs = {**call.kwargs, POLICY_KWARG: carried}
     if signer is not None:
         signature = signer.sign(call.id, call.name, call.args, kwargs)

@@ -31,6 +31,7 @@ from ._dispatch import (
     DEFAULT_EXECUTION_FIELDS,
     POLICY_KWARG,
     SIGNATURE_FIELD,
+    TRACE_FIELD,
     WAKE_CHANNEL_PREFIX,
 )
 from ._options import ArqOptions
@@ -156,6 +157,10 @@ def _job_function(
                 # Not retried: ARQ stores the error as the job's result and carries on.
                 logger.error("job %s rejected: %s", job_id, exc)
                 raise
+        trace = None
+        if isinstance(carried, dict) and TRACE_FIELD in carried:
+            carried = dict(carried)
+            trace = carried.pop(TRACE_FIELD)
         policy = policy_for(carried)
         attempt: int = ctx["job_try"]
         most = max(policy.retries + 1, options.max_tries)
@@ -172,6 +177,7 @@ def _job_function(
                 policy=policy,
                 attempt=attempt,
                 reporter=reporter,
+                trace=trace if isinstance(trace, dict) else None,
             )
         finally:
             if in_thread:

@@ -23,6 +23,7 @@ __all__ = [
     "ENQUEUED_HEADER",
     "POLICY_HEADER",
     "SIGNATURE_HEADER",
+    "TRACE_HEADER",
     "TaskMessage",
     "build_message",
     "redis_binding",
@@ -38,6 +39,8 @@ SIGNATURE_HEADER = "taskbridge_signature"
 """Header carrying the call's HMAC when the bridge has a `signing_key`."""
 
 ENQUEUED_HEADER = "taskbridge_enqueued_at"
+TRACE_HEADER = "taskbridge_trace"
+"""The dispatcher's OpenTelemetry context (W3C headers), when it was tracing."""
 """Header carrying when the call was dispatched (epoch seconds): the `enqueued_at` of its status,
 and what tells a dispatch of a keyed call from an earlier one with the same id. Celery's retries
 keep it, like every header."""
@@ -141,6 +144,8 @@ def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
         POLICY_HEADER: execution_fields(policy),
         ENQUEUED_HEADER: call.enqueued_at,
     }
+    if call.trace:
+        headers[TRACE_HEADER] = call.trace
     signer = call.task.bridge.signer
     if signer is not None:
         headers[SIGNATURE_HEADER] = signer.sign(call.id, call.name, args, call.kwargs)

@@ -33,7 +33,13 @@ from taskbridge.backends import (
 )
 
 from ._options import CeleryOptions, celery_config, redis_transport
-from ._protocol import ENQUEUED_HEADER, HARD_LIMIT_GRACE, POLICY_HEADER, SIGNATURE_HEADER
+from ._protocol import (
+    ENQUEUED_HEADER,
+    HARD_LIMIT_GRACE,
+    POLICY_HEADER,
+    SIGNATURE_HEADER,
+    TRACE_HEADER,
+)
 from ._results import TaskBridgeRedisBackend, backend_cls
 
 if TYPE_CHECKING:
@@ -208,6 +214,11 @@ class _Reporter:
         """Nothing to store: Celery stores the result, the error or the retry."""
 
 
+def _trace(request: Any) -> dict[str, Any] | None:
+    carried = getattr(request, TRACE_HEADER, None)
+    return carried if isinstance(carried, dict) else None
+
+
 def _execute(
     celery_task: Any,
     task: Task[..., Any],
@@ -244,6 +255,7 @@ def _execute(
             policy=policy,
             attempt=request.retries + 1,
             reporter=reporter,
+            trace=_trace(request),
         )
     except asyncio.CancelledError:
         if request.id not in _cancelling:
