@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -32,8 +31,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from taskbridge._dev import free_port as _free_port
 from taskbridge._dev import redis_binary as _redis_binary
+from taskbridge._dev import start_redis
 
 REDIS_ENV = "TASKBRIDGE_TEST_REDIS_URL"
 AMQP_ENV = "TASKBRIDGE_TEST_AMQP_URL"
@@ -109,28 +108,9 @@ def _provide_redis() -> Iterator[Broker]:
     binary = _redis_binary()
     if binary is None:
         pytest.skip(f"no Redis: {REDIS_ENV} unset, {why_not_docker}, no redis-server binary")
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="taskbridge-redis-")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process, base_url, workdir = start_redis()
     try:
-        wait_until(lambda: _redis_answers("127.0.0.1", port), 10, f"redis-server on port {port}")
-        yield Broker(f"redis://127.0.0.1:{port}/{TEST_DB}", f"redis-server ({binary})")
+        yield Broker(f"{base_url}/{TEST_DB}", f"redis-server ({binary})")
     finally:
         process.terminate()
         process.wait(10)

@@ -19,7 +19,7 @@ from ._exceptions import ConfigurationError
 from ._settings import env_name
 from .backends import load_backend_class
 
-__all__ = ["free_port", "plan_workers", "redis_binary", "run_dev"]
+__all__ = ["free_port", "plan_workers", "redis_binary", "run_dev", "start_redis"]
 
 _COLOURS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m"]
 _RESET = "\033[0m"
@@ -67,7 +67,8 @@ def redis_binary() -> str | None:
     return path if isinstance(path, str) and os.path.exists(path) else None
 
 
-def _start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
+def start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
+    """A throwaway redis-server on a free port: (process, base URL, its directory)."""
     binary = redis_binary()
     assert binary is not None
     port, workdir = free_port(), tempfile.mkdtemp(prefix="taskbridge-dev-redis-")
@@ -130,7 +131,7 @@ def run_dev(
             lines.append("or put redis-server on PATH and taskbridge dev starts a throwaway one.")
             print("\n".join(lines), file=sys.stderr)
             return 2
-        redis = _start_redis()
+        redis = start_redis()
         for db, alias in enumerate(needing, start=1):
             for option, value in plan[alias].dev_options(f"{redis[1]}/{db}").items():
                 env[env_name("backends", alias, option)] = str(value)

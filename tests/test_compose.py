@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from conftest import WorkerProcess, _free_port, wait_until
+from conftest import WorkerProcess, wait_until
+from taskbridge._dev import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker" / "compose.yaml"

@@ -11,7 +11,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import WorkerProcess, _free_port, wait_until
+from conftest import WorkerProcess, wait_until
+from taskbridge._dev import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,9 @@ import httpx2 as httpx
 import pytest
 import redis
 
-from conftest import WorkerProcess, _free_port, _redis_answers, _redis_binary, wait_until
+from conftest import WorkerProcess, _redis_answers, wait_until
+from taskbridge._dev import free_port as _free_port
+from taskbridge._dev import redis_binary as _redis_binary
 
 APP = """
 import os
