@@ -108,6 +108,12 @@ def _worker(arguments: argparse.Namespace, rest: list[str]) -> int:
         prog=f"taskbridge worker {arguments.backend} {arguments.bridge}",
         description=f"Options of the {type(backend).__name__} worker.",
     )
+    parser.add_argument(
+        "--health-file",
+        default=None,
+        help="a file that exists exactly while the worker is connected to its broker (for "
+        "container health checks: test -f PATH)",
+    )
     backend.add_worker_arguments(parser)
     return backend.run_worker(bridge, parser.parse_args(rest))
 

@@ -36,6 +36,7 @@ BACKEND_API = [
     "Backend",
     "BackendOptions",
     "CancelResult",
+    "ConnectionState",
     "Outcome",
     "Policy",
     "Signer",

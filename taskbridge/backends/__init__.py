@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .._codec import decode_json, encode_json, normalize_arguments
 from .._exceptions import ConfigurationError, UnknownBackendError
+from .._health import ConnectionState
 from .._policy import Policy, execution_fields, with_execution_fields
 from .._runner import (
     Outcome,
@@ -42,6 +43,7 @@ __all__ = [
     "Backend",
     "BackendOptions",
     "CancelResult",
+    "ConnectionState",
     "Outcome",
     "Policy",
     "Signer",
@@ -181,7 +183,12 @@ class Backend(ABC):
         return {}
 
     def add_worker_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
-        """Add the engine's own options to `taskbridge worker ALIAS`."""
+        """Add the engine's own options to `taskbridge worker ALIAS`.
+
+        Every worker also gets `--health-file PATH` (`arguments.health_file`, None without it):
+        a worker keeps a `ConnectionState` with that file, so that the file exists exactly
+        while it is connected to its broker.
+        """
 
     def run_worker(self, bridge: TaskBridge, arguments: argparse.Namespace) -> int:
         """Run a worker for `bridge`'s tasks until it is stopped; return the exit code."""
