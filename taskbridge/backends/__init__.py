@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .._codec import decode_json, encode_json, normalize_arguments
 from .._exceptions import ConfigurationError, UnknownBackendError
 from .._health import ConnectionState
+from .._inbound import Envelope, ReadyCall, Receiver
 from .._policy import Policy, execution_fields, with_execution_fields
 from .._runner import (
     Outcome,
@@ -44,8 +45,11 @@ __all__ = [
     "BackendOptions",
     "CancelResult",
     "ConnectionState",
+    "Envelope",
     "Outcome",
     "Policy",
+    "ReadyCall",
+    "Receiver",
     "Signer",
     "StatusReporter",
     "Task",

@@ -25,7 +25,9 @@ from taskbridge.backends import Policy, Signer, TaskCall, encode_json, execution
 __all__ = [
     "DEDUP_KEY_PREFIX",
     "DEFAULT_EXECUTION_FIELDS",
+    "DUE_FIELD",
     "ENQUEUE_SCRIPT",
+    "JOB_TRY_FIELD",
     "POLICY_KWARG",
     "QUEUE_FIELD",
     "SIGNATURE_FIELD",
@@ -52,9 +54,16 @@ QUEUE_FIELD = "queue"
 removes the job from it)."""
 TRACE_FIELD = "trace"
 """In the carried policy: the dispatcher's OpenTelemetry context (W3C headers), if tracing."""
+DUE_FIELD = "due"
+"""In the carried policy of a delayed call, with a `signing_key`: when it is due (epoch ms), its score in the queue.
+Signed with the rest, so a worker can refuse a job whose score was moved earlier."""
 SIGNATURE_FIELD = "signature"
-"""In the carried policy, with a `signing_key`: the HMAC of (id, task name, args, kwargs), where
-kwargs include the carried policy without this field."""
+"""In the carried policy, with a `signing_key`: the HMAC of the call (see `Signer`): id, task
+name, args, kwargs, the carried policy without this field and TRACE_FIELD, and ARQ's own job
+fields that change behaviour: `t` (the job's try count) and `et` (its enqueue time, ms)."""
+JOB_TRY_FIELD = "_t"
+"""Put into the carried policy by the worker's deserializer when a job's `t` (try count) is
+set, for the signature check: ARQ starts such a job at that try. taskbridge sends `t` null."""
 
 DEFAULT_EXECUTION_FIELDS = execution_fields(Policy())
 
@@ -123,12 +132,21 @@ def job_payload(
     queue = call.policy.queue
     if queue is not None and queue != default_queue:
         carried[QUEUE_FIELD] = queue
+    if signer is not None:
+        if call.policy.delay:
+            carried[DUE_FIELD] = enqueue_time_ms + round(call.policy.delay * 1000)
+        signature = signer.sign(
+            call.id,
+            call.name,
+            call.args,
+            call.kwargs,
+            policy=carried,
+            engine={"t": None, "et": enqueue_time_ms},
+        )
+        carried = {**carried, SIGNATURE_FIELD: signature}
     if call.trace:
         carried[TRACE_FIELD] = call.trace
     kwargs = {**call.kwargs, POLICY_KWARG: carried}
-    if signer is not None:
-        signature = signer.sign(call.id, call.name, call.args, kwargs)
-        kwargs[POLICY_KWARG] = {**carried, SIGNATURE_FIELD: signature}
     job = {"t": None, "f": call.name, "a": call.args, "k": kwargs, "et": enqueue_time_ms}
     return encode_json(job)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, func
 
-from taskbridge import ConfigurationError, MessageError, TaskBridge
-from taskbridge.backends import Policy, Task, encode_json, run, with_execution_fields
+from taskbridge import MessageError, TaskBridge
+from taskbridge.backends import Envelope, Policy, Receiver, Task, encode_json, run
 
 from ._dispatch import (
     DEFAULT_EXECUTION_FIELDS,
+    DUE_FIELD,
+    JOB_TRY_FIELD,
     POLICY_KWARG,
     SIGNATURE_FIELD,
     TRACE_FIELD,
@@ -33,8 +36,6 @@ logger = logging.getLogger("taskbridge.arq")
 _GRACE = 1.0
 """Seconds ARQ's own job timeout exceeds the runner's, so the runner's fires first and the
 task's retry policy applies to it."""
-_MAX_CACHED_POLICIES = 64
-"""Distinct execution policies remembered per task (callers rarely use more than a few)."""
 _RETRY_MARGIN_MS = 2
 """ARQ computes a retry's score a moment after the task decided it; wake no earlier than that."""
 
@@ -55,61 +56,54 @@ def job_functions(
     """
     if threads is None:
         threads = set()
+    receiver = Receiver(
+        bridge,
+        alias,
+        carried_defaults=DEFAULT_EXECUTION_FIELDS,
+        adjust_policy=_cap_timeout(options),
+    )
     return [
-        _job_function(task, alias, options, wakeups, reporter, threads)
+        _job_function(task, receiver, options, wakeups, reporter, threads)
         for task in bridge.tasks.values()
     ]
 
 
 def _job_function(
     task: Task[..., Any],
-    alias: str,
+    receiver: Receiver,
     options: ArqOptions,
     wakeups: WakeUps,
     reporter: ProgressReporter | None,
     threads: set[str],
 ) -> Function:
-    worker_policy = task.bridge.resolve(task).policy
-    signer = task.bridge.signer
+    signed = receiver.signer is not None
     in_thread = not task.is_async
-    limit = max(options.job_timeout, worker_policy.timeout or 0.0)
-    policies: dict[Hashable, Policy] = {}
-
-    def policy_for(carried: Any) -> Policy:
-        # Validating a policy costs more than the rest of a short job's Python: reuse it.
-        try:
-            key: Hashable = None if carried is None else frozenset(carried.items())
-            return policies[key]
-        except (AttributeError, TypeError):  # not a dict of scalars: validate, which refuses
-            return _execution_policy(task, alias, carried, limit)
-        except KeyError:
-            policy = _execution_policy(task, alias, carried, limit)
-            if len(policies) < _MAX_CACHED_POLICIES:
-                policies[key] = policy
-            return policy
+    limit = _limit(task, options)
 
     # `ctx` is positional-only so that a task's own keyword argument `ctx` reaches the task.
     async def job(ctx: dict[str, Any], /, *args: Any, **kwargs: Any) -> Any:
         job_id: str = ctx["job_id"]
         carried = kwargs.pop(POLICY_KWARG, None)
-        signature = None
-        if isinstance(carried, dict) and SIGNATURE_FIELD in carried:
+        signature = trace = None
+        engine: dict[str, Any] = {}
+        if isinstance(carried, dict):
             # A copy: ARQ stores the job's own kwargs (signature included) with the result.
             carried = dict(carried)
-            signature = carried.pop(SIGNATURE_FIELD)
-        if signer is not None:
-            signed = kwargs if carried is None else {**kwargs, POLICY_KWARG: carried}
-            try:
-                signer.verify(signature, job_id, task.name, args, signed)
-            except MessageError as exc:
-                # Not retried: ARQ stores the error as the job's result and carries on.
-                logger.error("job %s rejected: %s", job_id, exc)
-                raise
-        trace = None
-        if isinstance(carried, dict) and TRACE_FIELD in carried:
-            carried = dict(carried)
-            trace = carried.pop(TRACE_FIELD)
-        policy = policy_for(carried)
+            signature = carried.pop(SIGNATURE_FIELD, None)
+            trace = carried.pop(TRACE_FIELD, None)
+            job_try = carried.pop(JOB_TRY_FIELD, None)
+            if signed:
+                engine = {"t": job_try, "et": _epoch_ms(ctx["enqueue_time"])}
+        try:
+            call = receiver.receive(
+                Envelope(job_id, task.name, args, kwargs, carried, engine, signature, trace)
+            )
+            _check_due(task.name, job_id, carried, ctx.get("score"))
+        except MessageError as exc:
+            # Not retried: ARQ stores the error as the job's result and carries on.
+            logger.error("job %s rejected: %s", job_id, exc)
+            raise
+        policy = call.policy
         attempt: int = ctx["job_try"]
         most = max(policy.retries + 1, options.max_tries)
         if attempt > most:
@@ -119,13 +113,13 @@ def _job_function(
         try:
             outcome = await run(
                 task,
-                args,
-                kwargs,
+                call.args,
+                call.kwargs,
                 call_id=job_id,
                 policy=policy,
                 attempt=attempt,
                 reporter=reporter,
-                trace=trace if isinstance(trace, dict) else None,
+                trace=call.trace,
             )
         finally:
             if in_thread:
@@ -146,31 +140,46 @@ def _job_function(
     return func(cast("WorkerCoroutine", job), name=task.name, timeout=limit + _GRACE)
 
 
-def _execution_policy(task: Task[..., Any], alias: str, carried: Any, limit: float) -> Policy:
-    """The worker's policy for `task` with the dispatcher's execution fields applied.
+def _epoch_ms(moment: Any) -> int | None:
+    return round(moment.timestamp() * 1000) if isinstance(moment, datetime) else None
 
-    A job without them (enqueued with ARQ's own `enqueue_job`) runs with the worker's policy.
-    """
-    policy = task.bridge.resolve(task).policy
-    if carried is not None and not isinstance(carried, dict):
-        raise MessageError(f"{POLICY_KWARG!r} of a {task.name!r} job is not an object")
-    try:
-        if carried is not None:
-            policy = with_execution_fields(policy, {**DEFAULT_EXECUTION_FIELDS, **carried})
-    except ConfigurationError as exc:
-        raise MessageError(f"{POLICY_KWARG!r} of a {task.name!r} job is invalid: {exc}") from None
-    if policy.timeout is not None and policy.timeout > limit:
-        logger.warning(
-            "task %s: timeout %ss exceeds this worker's job_timeout %ss; applying %ss",
-            task.name,
-            policy.timeout,
-            limit,
-            limit,
+
+def _check_due(name: str, job_id: str, carried: Any, score: Any) -> None:
+    """A delayed job must not start before the due time it carries (signed with the rest)."""
+    if not isinstance(carried, dict) or DUE_FIELD not in carried:
+        return
+    due = carried[DUE_FIELD]
+    if not isinstance(due, int) or isinstance(due, bool):
+        raise MessageError(f"job {job_id} of task {name!r}: its due time {due!r} is not epoch ms")
+    if isinstance(score, int | float) and score < due:
+        raise MessageError(
+            f"job {job_id} of task {name!r}: its queue score {score} is before its due time "
+            f"{due} (the queue was altered); rejected"
         )
-    # A timeout always applies: ARQ's own one (job_timeout) would otherwise cut the task
-    # outside the runner, bypassing its retry policy.
-    timeout = min(policy.timeout or limit, limit)
-    return replace(policy, backend=alias, timeout=timeout)
+
+
+def _limit(task: Task[..., Any], options: ArqOptions) -> float:
+    """The longest an attempt of `task` may run here: ARQ's job_timeout, or the worker's own
+    policy's longer timeout."""
+    return max(options.job_timeout, task.bridge.resolve(task).policy.timeout or 0.0)
+
+
+def _cap_timeout(options: ArqOptions) -> Callable[[Task[..., Any], Policy], Policy]:
+    def cap(task: Task[..., Any], policy: Policy) -> Policy:
+        limit = _limit(task, options)
+        if policy.timeout is not None and policy.timeout > limit:
+            logger.warning(
+                "task %s: timeout %ss exceeds this worker's job_timeout %ss; applying %ss",
+                task.name,
+                policy.timeout,
+                limit,
+                limit,
+            )
+        # A timeout always applies: ARQ's own one (job_timeout) would otherwise cut the task
+        # outside the runner, bypassing its retry policy.
+        return replace(policy, timeout=min(policy.timeout or limit, limit))
+
+    return cap
 
 
 def _check_result(task: Task[..., Any], value: Any) -> None:

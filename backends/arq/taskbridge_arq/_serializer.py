@@ -22,6 +22,8 @@ from typing import Any
 from taskbridge import MessageError, TaskBridgeError
 from taskbridge.backends import decode_json, encode_json
 
+from ._dispatch import JOB_TRY_FIELD, POLICY_KWARG
+
 __all__ = [
     "RemoteTaskError",
     "deserialize",
@@ -121,6 +123,11 @@ def deserialize(raw: bytes | str) -> dict[str, Any]:
         )
     _check_job_shape(data)
     data["a"] = tuple(data["a"])
+    if data.get("t") is not None and "r" not in data:
+        # A job to start at a given try: its job function checks that against the signature.
+        carried = data["k"].get(POLICY_KWARG)
+        if isinstance(carried, dict):
+            data["k"][POLICY_KWARG] = {**carried, JOB_TRY_FIELD: data["t"]}
     result = data.get("r")
     if data.get("s") is False and isinstance(result, dict) and "exception" in result:
         data["r"] = exception_from_json(result)

@@ -478,7 +478,7 @@ class CeleryBackend(Backend):
     def run_worker(self, bridge: TaskBridge, arguments: argparse.Namespace) -> int:
         """Build a Celery app with a task per bridge task and run a Celery worker with it."""
         app = build_app(self.options, worker=True)
-        register_tasks(app, bridge)
+        register_tasks(app, bridge, self.alias)
         if arguments.queues:
             queues = [q.strip() for q in arguments.queues.split(",") if q.strip()]
         else:

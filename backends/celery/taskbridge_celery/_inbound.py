@@ -7,95 +7,108 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from taskbridge import MessageError, TaskBridgeError
-from taskbridge.backends import Policy, Task, with_execution_fields
+from taskbridge.backends import Envelope, Receiver
 
-from ._protocol import ENQUEUED_HEADER, POLICY_HEADER, SIGNATURE_HEADER
+from ._protocol import (
+    ENQUEUED_HEADER,
+    POLICY_HEADER,
+    SIGNATURE_HEADER,
+    TRACE_HEADER,
+    engine_fields_from_headers,
+)
 
 if TYPE_CHECKING:
     from celery import Celery  # type: ignore[import-untyped]
 
-__all__ = ["guarded_strategy", "policy_for"]
+__all__ = ["envelope", "guarded_strategy"]
 
 logger = logging.getLogger("taskbridge.celery")
 
 
-def policy_for(base: Policy, carried: object) -> Policy:
-    """`base` updated with the execution fields a message's policy header carried."""
-    if carried is None:
-        return base
-    if not isinstance(carried, Mapping):
-        raise MessageError(f"its {POLICY_HEADER} header is not a map: {carried!r}")
-    return with_execution_fields(base, carried)
+def envelope(headers: Mapping[str, Any], payload: Any) -> Envelope:
+    """The core envelope of a Celery message (protocol v2 headers, `[args, kwargs, embed]`).
+
+    MessageError when the body is not Celery's triple or a header Celery's worker reads is
+    malformed (checked here, before Celery's strategy builds a Request from it).
+    """
+    if not (isinstance(payload, list | tuple) and len(payload) == 3):
+        raise MessageError("its body is not Celery's [args, kwargs, embed]")
+    args, kwargs, embed = payload
+    if embed is not None and not isinstance(embed, dict):
+        raise MessageError("its embedded options are not a map")
+    return Envelope(
+        id=headers.get("id"),
+        task=headers.get("task"),
+        args=args,
+        kwargs=kwargs,
+        policy=headers.get(POLICY_HEADER),
+        engine=engine_fields_from_headers(headers),
+        signature=headers.get(SIGNATURE_HEADER),
+        trace=headers.get(TRACE_HEADER),
+    )
 
 
-def _problem(task: Task[..., Any], message: Any) -> str | None:
-    """Why a message for `task` cannot run (None if it can): checked before it is accepted."""
+def _problem(receiver: Receiver, message: Any) -> str | None:
+    """Why a message cannot run (None if it can): checked before Celery accepts it."""
     try:
         payload = message.payload  # decoded once, JSON only; the default strategy reuses it
     except Exception as exc:
         return f"its body cannot be decoded ({type(exc).__name__}: {exc})"
-    if not (isinstance(payload, list | tuple) and len(payload) == 3):
-        return "its body is not Celery's [args, kwargs, embed]"
-    args, kwargs, embed = payload
-    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-        return "its args are not a list or its kwargs not a map"
-    if embed is not None and not isinstance(embed, dict):
-        return "its embedded options are not a map"
+    headers = message.headers
+    if not isinstance(headers, Mapping):
+        return "its headers are not a map"
     try:
-        task.signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        return f"its arguments do not fit the task: {exc}"
-    try:
-        policy_for(Policy(), message.headers.get(POLICY_HEADER))
-        signer = task.bridge.signer
-        if signer is not None:
-            signature = message.headers.get(SIGNATURE_HEADER)
-            signer.verify(signature, message.headers.get("id") or "", task.name, args, kwargs)
+        receiver.receive(envelope(headers, payload))
     except TaskBridgeError as exc:
         return str(exc)
     return None
 
 
 def guarded_strategy(celery_task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Any:
-    """Celery's default strategy, behind a check of the message.
+    """Celery's default strategy, behind the core's check of the message (`Receiver`).
 
-    A malformed message (undecodable body, wrong shape, arguments that do not fit, a missing or
-    wrong signature when the bridge has a `signing_key`) would otherwise reach the pool, where a
-    solo pool lets the error stop the whole worker and the message be delivered again forever.
-    Here it is logged, marked failed, and dropped.
+    A malformed message (undecodable body, wrong shape, bad headers, arguments that do not fit,
+    an invalid policy, a missing or wrong signature when the bridge has a `signing_key`) would
+    otherwise reach Celery's Request or the pool, where it can stop the whole worker and be
+    delivered again forever. Here it is logged, marked failed (when it has an id), and acked.
     """
     from celery.worker.strategy import default  # type: ignore[import-untyped]
 
     handle = default(celery_task, app, consumer, **kwargs)
-    task = celery_task.taskbridge_task
+    receiver: Receiver = celery_task.taskbridge_receiver
+    name = celery_task.name
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any) -> Any:
-        problem = _problem(task, message)
+        problem = _problem(receiver, message)
         if problem is None:
             return handle(message, body, ack, reject, callbacks)
-        headers = message.headers or {}
+        headers = message.headers if isinstance(message.headers, Mapping) else {}
         task_id = headers.get("id")
         logger.error(
             "rejected a message for task %s [%s]: %s; it is marked failed and dropped",
-            task.name,
+            name,
             task_id,
             problem,
         )
         message.reject_log_error(logger, consumer.connection_errors)
-        if task_id:
-            error = MessageError(f"message for task {task.name!r} rejected: {problem}")
+        if isinstance(task_id, str) and task_id:
+            error = MessageError(f"message for task {name!r} rejected: {problem}")
+            properties = message.properties if isinstance(message.properties, Mapping) else {}
             request = {
-                "name": task.name,
-                "task": task.name,
+                "name": name,
+                "task": name,
                 "retries": headers.get("retries"),
                 ENQUEUED_HEADER: headers.get(ENQUEUED_HEADER),
                 "chord": None,
                 "root_id": headers.get("root_id"),
-                "correlation_id": message.properties.get("correlation_id"),
-                "reply_to": message.properties.get("reply_to"),
+                "correlation_id": properties.get("correlation_id"),
+                "reply_to": properties.get("reply_to"),
                 "errbacks": None,
             }
-            app.backend.mark_as_failure(task_id, error, request=_Request(request))
+            try:
+                app.backend.mark_as_failure(task_id, error, request=_Request(request))
+            except Exception as exc:  # the result backend is down: the log line stays
+                logger.warning("could not record %s as failed: %s", task_id, exc)
         return None
 
     return on_message

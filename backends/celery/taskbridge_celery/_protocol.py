@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from taskbridge import MessageError
 from taskbridge.backends import Policy, TaskCall, execution_fields
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "TRACE_HEADER",
     "TaskMessage",
     "build_message",
+    "engine_fields",
+    "engine_fields_from_headers",
     "redis_binding",
     "redis_envelope",
     "redis_queue_key",
@@ -96,6 +99,67 @@ def time_limits(policy: Policy, is_async: bool) -> list[float | None]:
     return [policy.timeout + HARD_LIMIT_GRACE, None if is_async else policy.timeout]
 
 
+def _epoch_ms(moment: datetime) -> int:
+    if moment.tzinfo is None:  # Celery reads a naive date as UTC (enable_utc, its default)
+        moment = moment.replace(tzinfo=UTC)
+    return round(moment.timestamp() * 1000)
+
+
+def engine_fields(
+    timelimit: Any, eta: datetime | None, expires: datetime | None, retries: int
+) -> dict[str, Any]:
+    """The Celery fields that change how a call runs, in the canonical form the signature
+    covers: the time limits, when it may start (eta, ms), when it expires (ms), its retry count.
+    """
+    hard, soft = timelimit if timelimit is not None else (None, None)
+    return {
+        "timelimit": [None if hard is None else float(hard), None if soft is None else float(soft)],
+        "eta": None if eta is None else _epoch_ms(eta),
+        "expires": None if expires is None else _epoch_ms(expires),
+        "retries": retries,
+    }
+
+
+def _date_header(headers: Mapping[str, Any], name: str) -> datetime | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise MessageError(f"its {name!r} header is a {type(value).__name__}, not an ISO date")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise MessageError(f"its {name!r} header {value[:64]!r} is not an ISO date") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def engine_fields_from_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """`engine_fields` of a received message; MessageError when a header Celery's worker reads
+    (timelimit, eta, expires, retries) is malformed, before Celery's strategy trips over it."""
+    timelimit = headers.get("timelimit")
+    if timelimit is not None and not (
+        isinstance(timelimit, list | tuple)
+        and len(timelimit) == 2
+        and all(limit is None or _number(limit) for limit in timelimit)
+    ):
+        raise MessageError(
+            f"its 'timelimit' header {timelimit!r:.64} is not a pair of seconds or nulls"
+        )
+    retries = headers.get("retries", 0)
+    if retries is None:
+        retries = 0
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise MessageError(f"its 'retries' header {retries!r:.64} is not a count")
+    return engine_fields(
+        timelimit, _date_header(headers, "eta"), _date_header(headers, "expires"), retries
+    )
+
+
 def _repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= _REPR_MAX else text[: _REPR_MAX - 3] + "..."
@@ -116,9 +180,12 @@ def _origin_name() -> str:
 def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
     """The protocol-v2 message for `call` (arguments are already JSON values)."""
     policy = call.policy
-    eta = None
+    eta_at = None
     if policy.delay:
-        eta = (datetime.now(UTC) + timedelta(seconds=policy.delay)).isoformat()
+        eta_at = datetime.now(UTC) + timedelta(seconds=policy.delay)
+    eta = None if eta_at is None else eta_at.isoformat()
+    timelimit = time_limits(policy, call.task.is_async)
+    carried = execution_fields(policy)
     args = list(call.args)
     body = _encode([args, call.kwargs, _EMBED]).encode()
     headers = {
@@ -131,7 +198,7 @@ def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
         "group": None,
         "group_index": None,
         "retries": 0,
-        "timelimit": time_limits(policy, call.task.is_async),
+        "timelimit": timelimit,
         "root_id": call.id,
         "parent_id": None,
         "argsrepr": _repr(args),
@@ -141,14 +208,21 @@ def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
-        POLICY_HEADER: execution_fields(policy),
+        POLICY_HEADER: carried,
         ENQUEUED_HEADER: call.enqueued_at,
     }
     if call.trace:
         headers[TRACE_HEADER] = call.trace
     signer = call.task.bridge.signer
     if signer is not None:
-        headers[SIGNATURE_HEADER] = signer.sign(call.id, call.name, args, call.kwargs)
+        headers[SIGNATURE_HEADER] = signer.sign(
+            call.id,
+            call.name,
+            args,
+            call.kwargs,
+            policy=carried,
+            engine=engine_fields(timelimit, eta_at, None, 0),
+        )
     properties = {"correlation_id": call.id, "reply_to": "", "delivery_mode": 2}
     key_ttl = policy.key_ttl if policy.key is not None else None
     return TaskMessage(policy.queue or default_queue, headers, body, properties, key_ttl)

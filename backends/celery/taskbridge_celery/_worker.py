@@ -17,11 +17,13 @@ import argparse
 import asyncio
 import functools
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from taskbridge import current_task
 from taskbridge.backends import (
     Outcome,
+    Receiver,
     Task,
     TaskContext,
     close_thread_loop,
@@ -29,12 +31,14 @@ from taskbridge.backends import (
     run_blocking,
 )
 
-from ._inbound import guarded_strategy, policy_for
+from ._inbound import guarded_strategy
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import (
     HARD_LIMIT_GRACE,
     POLICY_HEADER,
+    SIGNATURE_HEADER,
     TRACE_HEADER,
+    engine_fields,
 )
 from ._results import TaskBridgeRedisBackend, backend_cls
 
@@ -123,20 +127,48 @@ def _trace(request: Any) -> dict[str, Any] | None:
     return carried if isinstance(carried, dict) else None
 
 
+def _retry(celery_task: Any, receiver: Receiver, outcome: Outcome) -> Any:
+    """Celery's `retry` for the runner's decision: same id, due after the runner's backoff.
+
+    With a `signing_key`, the new message is signed again: its retry count and due time
+    changed, and the signature covers them.
+    """
+    request = celery_task.request
+    eta = datetime.now(UTC) + timedelta(seconds=outcome.retry_in or 0.0)
+    if receiver.signer is None:
+        return celery_task.retry(eta=eta, exc=outcome.error)
+    engine = engine_fields(request.timelimit, eta, _expires(request.expires), request.retries + 1)
+    signature = receiver.signer.sign(
+        request.id,
+        celery_task.name,
+        list(request.args),
+        dict(request.kwargs),
+        policy=getattr(request, POLICY_HEADER, None),
+        engine=engine,
+    )
+    headers = {**(request.headers or {}), SIGNATURE_HEADER: signature}
+    return celery_task.retry(eta=eta, exc=outcome.error, headers=headers)
+
+
+def _expires(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
 def _execute(
     celery_task: Any,
     task: Task[..., Any],
     runner_task: Task[..., Any],
+    receiver: Receiver,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
     from celery.exceptions import Ignore  # type: ignore[import-untyped]
 
     request = celery_task.request
-    # The worker's own resolution gives retry_on (exception classes cannot travel); the
-    # message's header gives the dispatcher's retries, backoff and timeout.
-    base = task.bridge.resolve(task).policy
-    policy = policy_for(base, getattr(request, POLICY_HEADER, None))
+    # Checked by the strategy (guarded_strategy) before Celery accepted the message; cached.
+    policy = receiver.policy(task, getattr(request, POLICY_HEADER, None), request.id)
     backend = celery_task.backend
     reporter = None
     if isinstance(backend, TaskBridgeRedisBackend):
@@ -175,7 +207,7 @@ def _execute(
             return _check_result(task.name, outcome.value)
         return outcome.value
     if outcome.state == "retry":
-        raise celery_task.retry(countdown=outcome.retry_in, exc=outcome.error)
+        raise _retry(celery_task, receiver, outcome)
     assert outcome.error is not None
     raise outcome.error
 
@@ -218,28 +250,29 @@ def cancel_command(state: Any, task_id: str, **_: Any) -> dict[str, str]:
     return {"ok": f"cancelling {task_id}"}
 
 
-def _adapter(task: Task[..., Any]) -> Any:
+def _adapter(task: Task[..., Any], receiver: Receiver) -> Any:
     runner_task = _cancellable(task) if task.is_async else task
 
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return _execute(self, task, runner_task, args, kwargs)
+        return _execute(self, task, runner_task, receiver, args, kwargs)
 
     run.__name__ = run.__qualname__ = task.name.rpartition(".")[2] or task.name
     run.__doc__ = f"Runs the taskbridge task {task.name!r} through taskbridge's runner."
     return run
 
 
-def register_tasks(app: Celery, bridge: TaskBridge) -> None:
-    """Register one Celery task per bridge task, under the same name.
+def register_tasks(app: Celery, bridge: TaskBridge, alias: str = "celery") -> None:
+    """Register one Celery task per bridge task, under the same name, for backend `alias`.
 
     Every task is registered, whatever its route: a `.using(backend=...)` call can send any
     task here. Time limits come from the task's policy; a message's own `timelimit` header
     (set from the dispatcher's policy) overrides them.
     """
+    receiver = Receiver(bridge, alias)
     for name, task in bridge.tasks.items():
         timeout = bridge.resolve(task).policy.timeout
         app.task(
-            _adapter(task),
+            _adapter(task, receiver),
             name=name,
             bind=True,
             shared=False,
@@ -251,6 +284,7 @@ def register_tasks(app: Celery, bridge: TaskBridge) -> None:
             track_started=False,  # the claim stores STARTED (with more), see _execute
             Strategy=staticmethod(guarded_strategy),
             taskbridge_task=task,
+            taskbridge_receiver=receiver,
         )
 
 

@@ -80,6 +80,66 @@ def test_signed_calls_run_and_unsigned_or_altered_ones_are_rejected(
             assert words in str(result.result)
             worker.wait_for_output(rf"rejected a message for task tb\.record \[{task_id}\]")
         assert stack.records("unsigned") == stack.records("altered") == []
+
+        # The signature covers what changes how a call runs, not only its arguments: a captured
+        # signed message replayed with its time limits, due time, retry count or policy altered
+        # is refused. A retry, which changes the count and the due time, is signed again by the
+        # worker, and runs.
+        retried = stack.send("tb.flaky", "retried", 2)
+        assert stack.result(retried.id).result == 3
+        assert len(stack.records("retried")) == 3
+
+        def tampered(change: dict[str, Any]) -> str:
+            task_id = str(uuid.uuid4())
+            timelimit = [None, None]
+            policy = {"retries": 0, "retry_backoff": 1.0, "retry_backoff_max": 300.0}
+            policy |= {"retry_jitter": True, "timeout": None}
+            args = ["tampered"]
+            signature = signer.sign(
+                task_id,
+                "tb.record",
+                args,
+                {},
+                policy=policy,
+                engine={"timelimit": timelimit, "eta": None, "expires": None, "retries": 0},
+            )
+            headers = {
+                "lang": "py",
+                "task": "tb.record",
+                "id": task_id,
+                "root_id": task_id,
+                "timelimit": timelimit,
+                "retries": 0,
+                "eta": None,
+                "taskbridge_policy": policy,
+                "taskbridge_signature": signature,
+                **change,
+            }
+            with Connection(redis_url, transport_options={"global_keyprefix": prefix}) as conn:
+                Producer(conn).publish(
+                    json.dumps([args, {}, {}]),
+                    exchange="",
+                    routing_key=queue,
+                    headers=headers,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                )
+            return task_id
+
+        untouched = tampered({})
+        assert stack.result(untouched).state == "SUCCESS"
+        changes: list[dict[str, Any]] = [
+            {"timelimit": [0.01, 0.01]},
+            {"retries": 5},
+            {"eta": "2030-01-01T00:00:00+00:00"},
+            {"expires": "2000-01-01T00:00:00+00:00"},
+            {"taskbridge_policy": {"retries": 50}},
+        ]
+        for change in changes:
+            result = stack.result(tampered(change))
+            assert result.state == "FAILURE" and "does not match" in str(result.result), change
+        assert len(stack.records("tampered")) == 1
+        assert worker.process.poll() is None
         stack.close()
     finally:
         stop(worker)
