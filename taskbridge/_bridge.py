@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from fastapi import APIRouter, FastAPI
 
 from ._codec import encode_json, normalize_arguments
+from ._deadline import dispatch_deadline_scope
 from ._exceptions import (
     BackendUnavailable,
     BridgeNotFoundError,
@@ -408,8 +409,9 @@ class TaskBridge(HookRegistry):
     ) -> None:
         names = ", ".join(sorted({c.name for c in calls}))
         try:
-            async with asyncio.timeout(timeout):
-                await backend.enqueue(calls)
+            with dispatch_deadline_scope(timeout):
+                async with asyncio.timeout(timeout):
+                    await backend.enqueue(calls)
         except TimeoutError:
             raise BackendUnavailable(
                 f"backend {backend.alias!r} did not accept {len(calls)} call(s) of {names} "

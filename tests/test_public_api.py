@@ -51,6 +51,7 @@ BACKEND_API = [
     "TaskStatus",
     "close_thread_loop",
     "decode_json",
+    "dispatch_deadline",
     "encode_json",
     "execution_fields",
     "load_backend_class",

@@ -19,6 +19,7 @@ from fastapi import BackgroundTasks
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .._codec import decode_json, encode_json, normalize_arguments
+from .._deadline import dispatch_deadline
 from .._exceptions import ConfigurationError, UnknownBackendError
 from .._health import ConnectionState
 from .._inbound import Envelope, ReadyCall, Receiver
@@ -59,6 +60,7 @@ __all__ = [
     "TaskStatus",
     "close_thread_loop",
     "decode_json",
+    "dispatch_deadline",
     "encode_json",
     "execution_fields",
     "load_backend_class",

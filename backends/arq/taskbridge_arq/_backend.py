@@ -28,6 +28,7 @@ from taskbridge.backends import (
     Policy,
     TaskCall,
     TaskStatus,
+    dispatch_deadline,
     redact_url,
 )
 
@@ -166,12 +167,14 @@ class ArqBackend(Backend):
             return
         await self.open()
         assert self._group is not None
+        deadline = dispatch_deadline()
         keys, argv = batch_arguments(
             calls,
             default_queue=self.options.queue_name,
             now_ms=timestamp_ms(),
             expires_extra_ms=self.options.expires_extra_ms,
             signer=calls[0].task.bridge.signer,
+            deadline_ms=0 if deadline is None else int(deadline * 1000),
         )
         try:
             skipped = await self._group.submit(keys, argv)
@@ -179,6 +182,13 @@ class ArqBackend(Backend):
             raise self._unavailable(exc, f" for {len(calls)} call(s)") from exc
         if not skipped:
             return
+        late = [call for call in calls if skipped.get(call.id) == "late"]
+        if late:
+            raise BackendUnavailable(
+                f"backend {self.alias!r} (ARQ): Redis received {len(late)} call(s) after the "
+                "dispatch deadline and refused them; none was enqueued",
+                backend=self.alias,
+            )
         for call in calls:
             if call.id not in skipped:
                 continue

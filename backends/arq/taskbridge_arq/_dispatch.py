@@ -55,8 +55,8 @@ removes the job from it)."""
 TRACE_FIELD = "trace"
 """In the carried policy: the dispatcher's OpenTelemetry context (W3C headers), if tracing."""
 DUE_FIELD = "due"
-"""In the carried policy of a delayed call, with a `signing_key`: when it is due (epoch ms), its score in the queue.
-Signed with the rest, so a worker can refuse a job whose score was moved earlier."""
+"""In the carried policy of a delayed call, with a `signing_key`: when it is due (epoch ms),
+its score in the queue. Signed with the rest, so a worker refuses a job moved earlier."""
 SIGNATURE_FIELD = "signature"
 """In the carried policy, with a `signing_key`: the HMAC of the call (see `Signer`): id, task
 name, args, kwargs, the carried policy without this field and TRACE_FIELD, and ARQ's own job
@@ -74,17 +74,25 @@ DEDUP_KEY_PREFIX = "taskbridge:key:"
 """`<prefix><call id>`: held for key_ttl by the first dispatch of a call with an idempotency key."""
 
 # KEYS: per job, its job key, result key, queue and dedup key. ARGV[1]: the wake channel prefix;
-# then per job, its id, payload, expiry (ms), score (due time, ms) and the dedup key's lifetime
-# (ms; 0 when the call has no idempotency key). Returns, flat, (id, reason) of each job it
-# skipped: 'duplicate' (the dedup key is held) or 'exists' (the job or its result exists).
+# then per job, its id, payload, expiry (ms), score (due time, ms), the dedup key's lifetime (ms;
+# 0 when the call has no idempotency key) and its request's deadline (epoch ms by the API's
+# clock; 0: none). Returns, flat, (id, reason) of each job it skipped: 'late' (it arrived after
+# its request gave up and was answered 503: never enqueue it then), 'duplicate' (the dedup key
+# is held) or 'exists' (the job or its result exists).
 ENQUEUE_SCRIPT = """
 local skipped = {}
 local earliest = {}
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for i = 0, #KEYS / 4 - 1 do
   local job_key, result_key, queue = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3]
-  local a = 5 * i + 1
+  local a = 6 * i + 1
   local id, score, dedup_ms = ARGV[a + 1], tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  if dedup_ms > 0 and not redis.call('SET', KEYS[4 * i + 4], '1', 'NX', 'PX', dedup_ms) then
+  local deadline = tonumber(ARGV[a + 6])
+  if deadline > 0 and now > deadline then
+    skipped[#skipped + 1] = id
+    skipped[#skipped + 1] = 'late'
+  elseif dedup_ms > 0 and not redis.call('SET', KEYS[4 * i + 4], '1', 'NX', 'PX', dedup_ms) then
     skipped[#skipped + 1] = id
     skipped[#skipped + 1] = 'duplicate'
   elseif redis.call('EXISTS', job_key, result_key) == 0 then
@@ -158,9 +166,11 @@ def batch_arguments(
     now_ms: int,
     expires_extra_ms: int,
     signer: Signer | None = None,
+    deadline_ms: int = 0,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and per-job ARGV of ENQUEUE_SCRIPT for `calls` (the job id is the call's id);
-    ARGV[1], the wake channel prefix, is added by GroupCommit."""
+    ARGV[1], the wake channel prefix, is added by GroupCommit. `deadline_ms`: when the
+    request gives up (epoch ms; 0: never), after which Redis refuses the jobs."""
     keys: list[str] = []
     argv: list[Any] = []
     for call in calls:
@@ -178,13 +188,14 @@ def batch_arguments(
             delay_ms + expires_extra_ms,
             now_ms + delay_ms,
             max(1, round(policy.key_ttl * 1000)) if policy.key is not None else 0,
+            deadline_ms,
         ]
     return keys, argv
 
 
 Send = Callable[[list[str], list[Any]], Awaitable[list[bytes]]]
 Skipped = dict[str, str]
-"""Ids of the jobs a script call skipped, with the reason: 'duplicate' or 'exists'."""
+"""Ids of the jobs a script call skipped, with the reason: 'late', 'duplicate' or 'exists'."""
 _Waiting = tuple[list[str], list[Any], "asyncio.Future[Skipped]"]
 _Entry = tuple[list[str], list[Any], "asyncio.Future[Skipped] | None"]
 
@@ -207,8 +218,17 @@ class GroupCommit:
         batch's own among them), by id, with the reason."""
         if self._busy:
             future: asyncio.Future[Skipped] = asyncio.get_running_loop().create_future()
-            self._waiting.append((keys, argv, future))
-            return await future
+            entry = (keys, argv, future)
+            self._waiting.append(entry)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                # Given up on (dispatch timeout) before a group took it: never send it late.
+                for i, waiting in enumerate(self._waiting):
+                    if waiting is entry:
+                        del self._waiting[i]
+                        break
+                raise
         self._busy = True
         try:
             return await self._send_group([(keys, argv, None)])
@@ -237,11 +257,16 @@ class GroupCommit:
                 group: list[_Waiting] = []
                 jobs = 0
                 while self._waiting:
+                    if self._waiting[0][2].done():  # its request gave up: not sent
+                        self._waiting.popleft()
+                        continue
                     size = len(self._waiting[0][0]) // _KEYS_PER_JOB
                     if group and jobs + size > self._most_jobs:
                         break  # a script blocks Redis while it runs: keep each one short
                     group.append(self._waiting.popleft())
                     jobs += size
+                if not group:
+                    continue
                 try:
                     skipped = await self._send_group(group)
                 except asyncio.CancelledError:

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +39,9 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
     probe: bool = False
+    state: str = "waiting"
+    """waiting -> taken (the thread writes it) | withdrawn (its request gave up first: it is
+    never written). Changed under AmqpPublisher._claim only."""
 
 
 def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -95,11 +100,13 @@ class AmqpPublisher:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._claim = threading.Lock()
         # Owned by the publisher thread only:
         self._connection: Any = None
         self._channel: Any = None
         self._confirms = _Confirms()
         self._declared: set[str] = set()
+        self._written = False
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
@@ -131,8 +138,18 @@ class AmqpPublisher:
         self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._jobs.put(_Job(messages, loop, future, probe))
-        await future
+        job = _Job(messages, loop, future, probe)
+        self._jobs.put(job)
+        try:
+            await future
+        except asyncio.CancelledError:
+            # Given up on (dispatch timeout): if the thread has not taken it yet, it never
+            # will, so the 503 the request gets means "not sent". Once taken, its bytes may
+            # be on their way (see the README's guarantee table).
+            with self._claim:
+                if job.state == "waiting":
+                    job.state = "withdrawn"
+            raise
 
     async def close(self) -> None:
         """Stop the thread after the batches already handed to it, and disconnect."""
@@ -159,10 +176,15 @@ class AmqpPublisher:
                             stop = True
                             break
                         jobs.append(job)
+                with self._claim:
+                    jobs = [job for job in jobs if job.state == "waiting"]
+                    for job in jobs:
+                        job.state = "taken"
                 error: BaseException | None = None
                 try:
                     messages = [m for job in jobs for m in job.messages]
-                    self._send(messages, probe=any(job.probe for job in jobs))
+                    if jobs:
+                        self._send(messages, probe=any(job.probe for job in jobs))
                 except BaseException as exc:
                     error = exc
                 by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
@@ -177,14 +199,31 @@ class AmqpPublisher:
             self._disconnect()
 
     def _send(self, messages: list[TaskMessage], probe: bool) -> None:
-        # A cached connection may have died while idle (broker restart, idle timeout): on a
-        # connection error, reconnect and send again once. A message may then arrive twice;
-        # delivery is at least once anyway.
+        # A cached connection may have died while idle (broker restart, idle timeout): found
+        # before writing, it is replaced. A batch is written once: when the link fails after
+        # its bytes left, it is reported failed, not sent again (it may have arrived; sending
+        # it again could run it twice).
+        if self._channel is not None and self._stale():
+            self._disconnect()
+        self._written = False
         try:
             self._send_once(messages, probe)
         except self.errors:
             self._disconnect()
+            if self._written:
+                raise
             self._send_once(messages, probe)
+
+    def _stale(self) -> bool:
+        """The cached connection's socket was closed by the peer (EOF or reset pending)."""
+        try:
+            sock = self._connection.connection.transport.sock
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except ValueError:  # a TLS socket cannot peek: rely on the write failing
+            return False
+        except (OSError, AttributeError):
+            return True
 
     def _ensure_channel(self) -> Any:
         if self._channel is None:
@@ -230,6 +269,7 @@ class AmqpPublisher:
         # Count the tags before writing: acks may arrive as soon as the broker reads.
         confirms.outstanding.update(range(confirms.next_tag, confirms.next_tag + len(messages)))
         confirms.next_tag += len(messages)
+        self._written = True  # from here on, the bytes may reach the broker
         amqp_connection.transport.write(data)  # the whole group in one write
         if not self._confirm:
             confirms.outstanding.clear()
