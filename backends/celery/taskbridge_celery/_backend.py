@@ -21,7 +21,7 @@ from taskbridge.backends import (
 
 from ._keys import result_expires
 from ._options import CeleryOptions, celery_config, redis_transport
-from ._protocol import TaskMessage, build_message
+from ._protocol import MessageBuilder, TaskMessage
 from ._status import Snapshot, StatusStore
 from ._worker import (
     CANCEL_COMMAND,
@@ -79,6 +79,7 @@ class CeleryBackend(Backend):
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         super().__init__(alias, options)
         self._app: Celery | None = None
+        self._builder: MessageBuilder | None = None
         self._publisher: _Publisher | None = None
         self._warmup: asyncio.Task[None] | None = None
         self._store: StatusStore | None = None
@@ -223,8 +224,10 @@ class CeleryBackend(Backend):
         published: the caller already has its handle, whose id is the same. On Redis the key is
         taken in the publishing script; on RabbitMQ, in the result backend's Redis first.
         """
-        default_queue = self.options.default_queue
-        messages = [build_message(call, default_queue) for call in calls]
+        builder = self._builder
+        if builder is None:
+            builder = self._builder = MessageBuilder(self.app, self.options.default_queue)
+        messages = [builder.build(call) for call in calls]
         taken: list[str] = []
         skipped: list[str] = []
         if not redis_transport(self.options) and any(m.key_ttl is not None for m in messages):

@@ -1,13 +1,19 @@
-"""Celery's task message protocol v2, with JSON bodies, built without Celery.
+"""Celery's task message protocol v2, with JSON bodies, made by the installed Celery.
 
-A worker cannot tell these messages from ones sent by `apply_async`: same headers (Celery's
-`as_task_v2`), same body `[args, kwargs, embed]`, same properties. Building them here skips
-Celery's per-call routing, signals and producer machinery, which is most of `apply_async`'s cost.
+A worker cannot tell these messages from ones sent by `send_task`: the headers and the body's
+embedded options are the ones Celery's own `send_task` builds (a template per task and time
+limits, made once by calling it with a producer that only captures what it is handed, see
+`MessageBuilder`); per call only the id, the arguments and their reprs (with Celery's `saferepr`
+where a plain `repr` could differ), the eta and taskbridge's headers are filled in. Whatever a
+Celery release changes in its headers (5.7's `ignore_result: None`) is taken over as it is.
+Building a call this way skips Celery's per-call routing, signals and producer machinery, which
+is most of `send_task`'s cost.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -25,6 +31,7 @@ __all__ = [
     "POLICY_HEADER",
     "SIGNATURE_HEADER",
     "TRACE_HEADER",
+    "MessageBuilder",
     "TaskMessage",
     "build_message",
     "engine_fields",
@@ -52,7 +59,6 @@ HARD_LIMIT_GRACE = 2.0
 """Seconds between a call's timeout and Celery's hard time limit, which kills the process."""
 
 _REPR_MAX = 1024  # Celery's default argsrepr/kwargsrepr size
-_EMBED: dict[str, None] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _REDIS_SEP = "\x06\x16"
 _REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
@@ -160,9 +166,40 @@ def engine_fields_from_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _REPR_MAX else text[: _REPR_MAX - 3] + "..."
+_SIMPLE = (int, bool, type(None))
+
+
+def _plain_str(value: str) -> bool:
+    return value.isascii() and value.isprintable() and "'" not in value and "\\" not in value
+
+
+def _flat(value: Any) -> bool:
+    """Values whose `repr` is exactly what Celery's saferepr writes (proved by a test)."""
+    kind = type(value)
+    if kind in _SIMPLE or (kind is str and _plain_str(value)):
+        return True
+    if kind is list:
+        return all(type(v) in _SIMPLE or (type(v) is str and _plain_str(v)) for v in value)
+    if kind is dict:
+        return all(
+            type(k) is str
+            and _plain_str(k)
+            and (type(v) in _SIMPLE or (type(v) is str and _plain_str(v)))
+            for k, v in value.items()
+        )
+    return False
+
+
+def celery_repr(value: Any, maxsize: int = _REPR_MAX) -> str:
+    """`argsrepr`/`kwargsrepr` as Celery writes them (its `saferepr`), with `repr` as a fast
+    path for flat values of ints, bools, None and plain strings, which it writes alike."""
+    if _flat(value):
+        text = repr(value)
+        if len(text) < maxsize:
+            return text
+    from celery.utils.saferepr import saferepr  # type: ignore[import-untyped]
+
+    return str(saferepr(value, maxsize))
 
 
 _origin: tuple[int, str] | None = None
@@ -177,55 +214,124 @@ def _origin_name() -> str:
     return _origin[1]
 
 
+_PLACEHOLDER = "taskbridge-template-0000-0000-000000000000"
+
+
+class _Capture:
+    """Stands in for kombu's Producer: Celery's send_task hands it the message it built."""
+
+    def __init__(self) -> None:
+        self.connection = self
+        self.body: Any = None
+        self.headers: dict[str, Any] = {}
+
+    def _reraise_as_library_errors(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def publish(self, body: Any, *, headers: dict[str, Any], **_: Any) -> None:
+        self.body, self.headers = body, headers
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    headers: dict[str, Any]
+    embed: Any
+    ids: tuple[str, ...]
+    """The headers holding the task id (id, and root_id when Celery sets it)."""
+
+
+class MessageBuilder:
+    """Builds each call's message from a template the installed Celery made.
+
+    `app` is a Celery app configured like the API's (`build_app(options)`); the templates are
+    made with a copy that has no result backend, so making one never touches the network.
+    """
+
+    def __init__(self, app: Any, default_queue: str) -> None:
+        from celery import Celery  # type: ignore[import-untyped]
+
+        self._app = Celery("taskbridge-templates", set_as_current=False)
+        self._app.conf.update({**dict(app.conf.changes), "result_backend": None})
+        self._default_queue = default_queue
+        self._templates: dict[tuple[str, float | None, float | None], _Template] = {}
+        amqp = self._app.amqp
+        self._argsrepr_max = int(getattr(amqp, "argsrepr_maxsize", _REPR_MAX) or _REPR_MAX)
+        self._kwargsrepr_max = int(getattr(amqp, "kwargsrepr_maxsize", _REPR_MAX) or _REPR_MAX)
+
+    def _template(self, name: str, hard: float | None, soft: float | None) -> _Template:
+        key = (name, hard, soft)
+        found = self._templates.get(key)
+        if found is None:
+            capture = _Capture()
+            self._app.send_task(
+                name,
+                args=(),
+                kwargs={},
+                task_id=_PLACEHOLDER,
+                time_limit=hard,
+                soft_time_limit=soft,
+                producer=capture,
+                queue=self._default_queue,
+            )
+            headers = dict(capture.headers)
+            ids = tuple(k for k, v in headers.items() if v == _PLACEHOLDER)
+            found = _Template(headers, capture.body[2], ids)
+            if len(self._templates) < 4096:
+                self._templates[key] = found
+        return found
+
+    def build(self, call: TaskCall) -> TaskMessage:
+        """The protocol-v2 message for `call` (arguments are already JSON values)."""
+        policy = call.policy
+        eta_at = None
+        if policy.delay:
+            eta_at = datetime.now(UTC) + timedelta(seconds=policy.delay)
+        hard, soft = time_limits(policy, call.task.is_async)
+        template = self._template(call.name, hard, soft)
+        carried = execution_fields(policy)
+        args = list(call.args)
+        body = _encode([args, call.kwargs, template.embed]).encode()
+        headers = dict(template.headers)
+        for name in template.ids:
+            headers[name] = call.id
+        headers["eta"] = None if eta_at is None else eta_at.isoformat()
+        headers["argsrepr"] = celery_repr(args, self._argsrepr_max)
+        headers["kwargsrepr"] = celery_repr(call.kwargs, self._kwargsrepr_max)
+        headers["origin"] = _origin_name()
+        headers[POLICY_HEADER] = carried
+        headers[ENQUEUED_HEADER] = call.enqueued_at
+        if call.trace:
+            headers[TRACE_HEADER] = call.trace
+        signer = call.task.bridge.signer
+        if signer is not None:
+            headers[SIGNATURE_HEADER] = signer.sign(
+                call.id,
+                call.name,
+                args,
+                call.kwargs,
+                policy=carried,
+                engine=engine_fields(headers["timelimit"], eta_at, None, 0),
+            )
+        properties = {"correlation_id": call.id, "reply_to": "", "delivery_mode": 2}
+        key_ttl = policy.key_ttl if policy.key is not None else None
+        queue = policy.queue or self._default_queue
+        return TaskMessage(queue, headers, body, properties, key_ttl)
+
+
+_builders: dict[str, MessageBuilder] = {}
+
+
 def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
-    """The protocol-v2 message for `call` (arguments are already JSON values)."""
-    policy = call.policy
-    eta_at = None
-    if policy.delay:
-        eta_at = datetime.now(UTC) + timedelta(seconds=policy.delay)
-    eta = None if eta_at is None else eta_at.isoformat()
-    timelimit = time_limits(policy, call.task.is_async)
-    carried = execution_fields(policy)
-    args = list(call.args)
-    body = _encode([args, call.kwargs, _EMBED]).encode()
-    headers = {
-        "lang": "py",
-        "task": call.name,
-        "id": call.id,
-        "shadow": None,
-        "eta": eta,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": timelimit,
-        "root_id": call.id,
-        "parent_id": None,
-        "argsrepr": _repr(args),
-        "kwargsrepr": _repr(call.kwargs),
-        "origin": _origin_name(),
-        "ignore_result": False,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-        POLICY_HEADER: carried,
-        ENQUEUED_HEADER: call.enqueued_at,
-    }
-    if call.trace:
-        headers[TRACE_HEADER] = call.trace
-    signer = call.task.bridge.signer
-    if signer is not None:
-        headers[SIGNATURE_HEADER] = signer.sign(
-            call.id,
-            call.name,
-            args,
-            call.kwargs,
-            policy=carried,
-            engine=engine_fields(timelimit, eta_at, None, 0),
+    """The message for `call` with a Celery app of default settings (for tests and tools; the
+    backend uses its own MessageBuilder, configured like its app)."""
+    builder = _builders.get(default_queue)
+    if builder is None:
+        from celery import Celery
+
+        builder = _builders[default_queue] = MessageBuilder(
+            Celery("taskbridge", set_as_current=False), default_queue
         )
-    properties = {"correlation_id": call.id, "reply_to": "", "delivery_mode": 2}
-    key_ttl = policy.key_ttl if policy.key is not None else None
-    return TaskMessage(policy.queue or default_queue, headers, body, properties, key_ttl)
+    return builder.build(call)
 
 
 def redis_queue_key(queue: str, transport_options: Mapping[str, Any], priority: int = 0) -> str:
