@@ -25,6 +25,7 @@ from taskbridge import BackendUnavailable, ConfigurationError
 from taskbridge.backends import (
     Backend,
     CancelResult,
+    ConnectionState,
     Policy,
     TaskCall,
     TaskStatus,
@@ -45,7 +46,7 @@ from ._progress import ProgressReporter
 from ._serializer import deserialize, serialize
 from ._status import CANCEL_SCRIPT, Snapshot, cancelled_result, read_keys
 from ._wakeups import WakeUps
-from ._worker import TaskbridgeWorker, job_functions
+from ._worker import LINK_ERRORS, TaskbridgeWorker, job_functions
 
 if TYPE_CHECKING:
     from taskbridge import TaskBridge
@@ -422,10 +423,14 @@ class ArqBackend(Backend):
         max_jobs: int | None = None,
         burst: bool = False,
         handle_signals: bool = True,
+        connection: ConnectionState | None = None,
     ) -> TaskbridgeWorker:
         """An ARQ worker for `bridge`'s tasks on `queue`, configured from this alias's options.
 
-        Build it with the event loop it will run on set as the current one.
+        Build it with the event loop it will run on set as the current one. `redis` need not
+        be connected yet: the worker connects, and reconnects after faults, by itself (a
+        `--burst` one gives up at start-up after `conn_retries` retries). `connection` tracks
+        whether it reaches Redis (with the `--health-file`).
         """
         if not bridge.tasks:
             raise ConfigurationError("the bridge has no tasks registered: nothing to work on")
@@ -441,6 +446,9 @@ class ArqBackend(Backend):
             wakeups=wakeups,
             reporter=reporter,
             threads=threads,
+            connection=connection,
+            start_retries=options.conn_retries if burst else None,
+            start_retry_delay=options.conn_retry_delay,
             poll_delay=options.poll_delay,
             queue_name=queue or options.queue_name,
             redis_pool=redis,
@@ -462,48 +470,41 @@ class ArqBackend(Backend):
         )
 
     def run_worker(self, bridge: TaskBridge, arguments: argparse.Namespace) -> int:
-        """Run an ARQ worker until SIGTERM/SIGINT (or, with `--burst`, an empty queue)."""
+        """Run an ARQ worker until SIGTERM/SIGINT (or, with `--burst`, an empty queue).
+
+        Redis faults do not end it: it reconnects (see TaskbridgeWorker), including when Redis
+        cannot be reached at start-up, where it keeps trying (a `--burst` worker gives up after
+        `conn_retries` retries, exit code 1). With `--health-file PATH`, PATH exists exactly
+        while the worker reaches Redis.
+        """
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        queue = arguments.queue or self.options.queue_name
+        state = ConnectionState(f"ARQ worker ({queue})", getattr(arguments, "health_file", None))
         try:
-            try:
-                redis = loop.run_until_complete(self._worker_redis())
-            except BackendUnavailable as exc:
-                logger.error("%s", exc)
-                return 1
             worker = self.create_worker(
                 bridge,
-                redis,
+                self._worker_redis(),
                 queue=arguments.queue,
                 max_jobs=arguments.max_jobs,
                 burst=arguments.burst,
+                connection=state,
             )
             try:
                 worker.run()
-            except (RedisError, OSError) as exc:
+            except LINK_ERRORS as exc:  # a --burst worker that never reached Redis
+                logger.error("%s", self._unavailable(exc, " at worker start-up"))
+                return 1
+            except RedisError as exc:
                 logger.error("%s", self._unavailable(exc, " while working"))
                 return 1
             return 0
         finally:
+            state.close()
             loop.close()
             asyncio.set_event_loop(None)
 
-    async def _worker_redis(self) -> ArqRedis:
-        """A connected client, retrying `conn_retries` times as ARQ's `create_pool` does."""
-        redis = self.connect()
-        for attempt in range(self.options.conn_retries + 1):
-            try:
-                await redis.ping()
-                return redis
-            except (RedisError, OSError) as exc:
-                if attempt == self.options.conn_retries:
-                    await redis.aclose(close_connection_pool=True)
-                    raise self._unavailable(exc, " at worker start-up") from exc
-                logger.warning(
-                    "cannot reach Redis at %s (%s); %d retries left",
-                    redact_url(self.options.redis_url),
-                    exc,
-                    self.options.conn_retries - attempt,
-                )
-                await asyncio.sleep(self.options.conn_retry_delay)
-        raise AssertionError("unreachable")
+    def _worker_redis(self) -> ArqRedis:
+        """The worker's client (no connection made yet). Its socket_timeout makes a command on
+        a hung link fail, and the worker reconnect, instead of waiting forever."""
+        return self.connect(socket_timeout=self.options.socket_timeout)

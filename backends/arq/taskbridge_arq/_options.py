@@ -51,12 +51,14 @@ class ArqOptions(BackendOptions):
     conn_timeout: float = Field(default=1.0, gt=0)
     """Seconds to open a connection to Redis before the dispatch fails."""
     socket_timeout: float = Field(default=5.0, gt=0)
-    """Seconds the API process waits for Redis to answer a command (a hung Redis fails the
-    dispatch instead of holding it)."""
+    """Seconds the API process or a worker waits for Redis to answer a command: a hung Redis
+    fails the dispatch instead of holding it, and a worker reconnects."""
     conn_retries: int = Field(default=5, ge=0)
-    """How many times a starting worker retries connecting to Redis."""
+    """How many times a starting `--burst` worker retries connecting to Redis before it exits
+    (code 1). Any other worker keeps trying, and reconnects after faults, for as long as it
+    runs."""
     conn_retry_delay: float = Field(default=1.0, ge=0)
-    """Seconds between those retries."""
+    """Seconds between those retries (other reconnection attempts back off from 0.1 s to 2 s)."""
     max_connections: int | None = Field(default=None, ge=1)
     """Size limit of the API process's connection pool (unbounded by default)."""
     cancel_wait: float = Field(default=5.0, ge=0)
