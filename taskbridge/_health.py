@@ -31,6 +31,8 @@ class ConnectionState:
         self.connected = False
         self.since = time.time()
         self.reason: str | None = "not connected yet"
+        self._ever = False
+        self._told = False
         self._lock = threading.Lock()
         self._remove_file()
 
@@ -40,7 +42,7 @@ class ConnectionState:
             if self.connected:
                 return
             down_for = time.time() - self.since
-            was_down = self.reason != "not connected yet"
+            was_down, self._ever = self._ever, True
             self.connected, self.since, self.reason = True, time.time(), None
             self._write_file()
         if was_down:
@@ -53,13 +55,17 @@ class ConnectionState:
         with self._lock:
             if not self.connected and self.reason == reason:
                 return
-            first = self.connected or self.reason == "not connected yet"
-            if self.connected:
+            was_connected = self.connected
+            never = not self._ever
+            if was_connected:
                 self.since = time.time()
             self.connected, self.reason = False, reason
             self._remove_file()
-        if first:
+        if was_connected:
             logger.error("%s: lost the broker (%s); reconnecting", self.name, reason)
+        elif never and not self._told:
+            self._told = True
+            logger.error("%s: cannot reach the broker (%s); retrying", self.name, reason)
 
     def close(self) -> None:
         """The worker is exiting: it is no longer a healthy worker."""
