@@ -18,6 +18,7 @@ from arq.constants import (
 )
 from arq.jobs import Job
 from arq.utils import timestamp_ms, to_ms
+from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -41,7 +42,7 @@ from ._dispatch import (
     GroupCommit,
     batch_arguments,
 )
-from ._options import ArqOptions
+from ._options import ArqOptions, sentinel_address
 from ._progress import ProgressReporter
 from ._serializer import deserialize, serialize
 from ._status import CANCEL_SCRIPT, Snapshot, cancelled_result, read_keys
@@ -83,6 +84,7 @@ class ArqBackend(Backend):
         self._script: AsyncScript | None = None
         self._cancel_script: AsyncScript | None = None
         self._group: GroupCommit | None = None
+        self._sentinels: list[Sentinel] = []
 
     @classmethod
     def dev_options(cls, redis_url: str) -> dict[str, Any]:
@@ -109,11 +111,36 @@ class ArqBackend(Backend):
         Use it for ARQ's own API (`Job`, `queued_jobs()`, `enqueue_job`), which then reads and
         writes JSON. No connection is made until the first command.
         """
-        redis: ArqRedis = ArqRedis.from_url(
-            self.options.redis_url,
-            socket_connect_timeout=self.options.conn_timeout,
-            **redis_options,
-        )
+        options = self.options
+        address = sentinel_address(options.redis_url)
+        redis: ArqRedis
+        if address is None:
+            redis = ArqRedis.from_url(
+                options.redis_url, socket_connect_timeout=options.conn_timeout, **redis_options
+            )
+        else:
+            # As ARQ's create_pool does for RedisSettings(sentinel=True): redis-py's Sentinel
+            # client finds the master, and finds it again when a failover moves it.
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                address.sentinels,
+                sentinel_kwargs={
+                    "password": options.sentinel_password,
+                    "socket_connect_timeout": options.conn_timeout,
+                    "socket_timeout": options.socket_timeout,
+                    "ssl": address.ssl,
+                },
+                ssl=address.ssl,
+            )
+            self._sentinels.append(sentinel)
+            redis = sentinel.master_for(
+                options.sentinel_master,
+                redis_class=ArqRedis,
+                db=address.db,
+                username=address.username,
+                password=address.password,
+                socket_connect_timeout=options.conn_timeout,
+                **redis_options,
+            )
         redis.job_serializer = serialize
         redis.job_deserializer = deserialize
         redis.default_queue_name = self.options.queue_name
@@ -155,6 +182,10 @@ class ArqBackend(Backend):
         self._cancel_script = None
         if redis is not None:
             await redis.aclose(close_connection_pool=True)
+        sentinels, self._sentinels = self._sentinels, []
+        for sentinel in sentinels:
+            for client in sentinel.sentinels:
+                await client.aclose()
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
         """Enqueue `calls` in one round trip (shared with concurrent dispatches, see

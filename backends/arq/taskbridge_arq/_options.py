@@ -2,26 +2,70 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from taskbridge.backends import BackendOptions, redact_url
 
-__all__ = ["DEFAULT_QUEUE", "ArqOptions"]
+__all__ = ["DEFAULT_QUEUE", "ArqOptions", "SentinelAddress", "sentinel_address"]
 
 DEFAULT_QUEUE = "taskbridge:queue"
 """Not ARQ's `arq:queue`: a pickle-based ARQ worker on the same database would take taskbridge's
 JSON jobs and fail them, and a taskbridge worker would reject its pickled ones."""
 
-_SCHEMES = ("redis", "rediss", "unix")
+_SCHEMES = ("redis", "rediss", "unix", "sentinel", "sentinels")
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelAddress:
+    """A `sentinel://` URL taken apart: the Sentinels to ask, and how to use the master."""
+
+    sentinels: list[tuple[str, int]]
+    db: int
+    username: str | None
+    password: str | None
+    ssl: bool
+
+
+def sentinel_address(url: str) -> SentinelAddress | None:
+    """Parse `sentinel://[user:password@]host:port[;sentinel://host:port...][/db]` (kombu's and
+    Celery's form; `sentinels://` for TLS), or None for a URL of another scheme. The password
+    is the master's (as in kombu); the Sentinels are asked without one unless the
+    `sentinel_password` option is set."""
+    if not url.startswith(("sentinel://", "sentinels://")):
+        return None
+    hosts: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        if parts.scheme not in ("sentinel", "sentinels") or not parts.hostname:
+            raise ValueError(f"{redact_url(part)!r} is not sentinel://host:port")
+        hosts.append((parts.hostname, parts.port or 26379))
+        username = username or parts.username or None
+        password = password or parts.password or None
+        if parts.path.strip("/"):
+            try:
+                db = int(parts.path.strip("/"))
+            except ValueError:
+                raise ValueError(
+                    f"{redact_url(url)!r}: the path must be a database number, e.g. /1"
+                ) from None
+    return SentinelAddress(hosts, db, username, password, url.startswith("sentinels://"))
 
 
 class ArqOptions(BackendOptions):
     """Options of an ARQ alias. Durations are in seconds unless the name says otherwise."""
 
     redis_url: str = Field(min_length=1)
-    """`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS, or `unix:///path?db=N`."""
+    """`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS, `unix:///path?db=N`, or
+    Redis Sentinel: `sentinel://[:password@]host:26379;sentinel://host2:26379/db` (the master
+    named by `sentinel_master` is found through them, again after a failover)."""
+    sentinel_master: str = Field(default="mymaster", min_length=1)
+    """With a `sentinel://` URL: the monitored master's name (ARQ's `sentinel_master`)."""
+    sentinel_password: str | None = None
+    """With a `sentinel://` URL: the Sentinels' own password, if they require one."""
     queue_name: str = Field(default=DEFAULT_QUEUE, min_length=1)
     """Queue for tasks whose policy names none; a worker serves one queue (`--queue`)."""
     max_jobs: int = Field(default=10, ge=1)
@@ -67,11 +111,13 @@ class ArqOptions(BackendOptions):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
+        if sentinel_address(value) is not None:
+            return value
         parts = urlsplit(value)
         if parts.scheme not in _SCHEMES:
             raise ValueError(
                 f"{redact_url(value)!r} is not a Redis URL; use redis://host:port/db, "
-                "rediss:// for TLS or unix:///path/to/socket"
+                "rediss:// for TLS, unix:///path/to/socket or sentinel://host:26379;..."
             )
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError(f"{redact_url(value)!r} names no host")
