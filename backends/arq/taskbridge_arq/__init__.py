@@ -7,6 +7,7 @@ to it (`@bridge.task(backend="arq")`) and run `taskbridge worker arq myapp.tasks
 from ._backend import ArqBackend
 from ._dispatch import (
     DEDUP_KEY_PREFIX,
+    JOB_FIELD,
     POLICY_KWARG,
     QUEUE_FIELD,
     SIGNATURE_FIELD,
@@ -18,6 +19,7 @@ from ._progress import ProgressReporter
 from ._serializer import (
     RemoteTaskError,
     deserialize,
+    deserialize_for_worker,
     exception_from_json,
     exception_to_json,
     serialize,
@@ -28,6 +30,7 @@ from ._worker import TaskbridgeWorker
 __all__ = [
     "DEDUP_KEY_PREFIX",
     "DEFAULT_QUEUE",
+    "JOB_FIELD",
     "POLICY_KWARG",
     "PROGRESS_KEY_PREFIX",
     "QUEUE_FIELD",
@@ -40,6 +43,7 @@ __all__ = [
     "RemoteTaskError",
     "TaskbridgeWorker",
     "deserialize",
+    "deserialize_for_worker",
     "exception_from_json",
     "exception_to_json",
     "serialize",

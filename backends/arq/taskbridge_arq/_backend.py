@@ -44,7 +44,7 @@ from ._dispatch import (
 )
 from ._options import ArqOptions, sentinel_address
 from ._progress import ProgressReporter
-from ._serializer import deserialize, serialize
+from ._serializer import deserialize, deserialize_for_worker, serialize
 from ._status import CANCEL_SCRIPT, Snapshot, cancelled_result, read_keys
 from ._wakeups import WakeUps
 from ._worker import LINK_ERRORS, TaskbridgeWorker, job_functions
@@ -496,7 +496,7 @@ class ArqBackend(Backend):
             health_check_key=options.health_check_key,
             allow_abort_jobs=True,
             job_serializer=serialize,
-            job_deserializer=deserialize,
+            job_deserializer=deserialize_for_worker,
             expires_extra_ms=options.expires_extra_ms,
         )
 

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_EXECUTION_FIELDS",
     "DUE_FIELD",
     "ENQUEUE_SCRIPT",
+    "JOB_FIELD",
     "JOB_TRY_FIELD",
     "POLICY_KWARG",
     "QUEUE_FIELD",
@@ -39,12 +40,17 @@ __all__ = [
     "job_payload",
 ]
 
+JOB_FIELD = "taskbridge"
+"""The job dict's own field (next to ARQ's `t f a k et`) carrying the dispatcher's execution
+policy (retries, backoff, timeout), as the fields that differ from `Policy()`'s defaults, and
+the call's metadata (SYNC_FIELD, QUEUE_FIELD, SIGNATURE_FIELD, ...). ARQ reads only its own
+fields, so a plain ARQ worker calls the function with the call's own kwargs."""
+
 POLICY_KWARG = "taskbridge.policy"
-"""Reserved key in the job's kwargs (`k`) carrying the dispatcher's execution policy (retries,
-backoff, timeout), as the fields that differ from `Policy()`'s defaults, and the call's
-metadata (SYNC_FIELD, QUEUE_FIELD, SIGNATURE_FIELD); the worker removes it before calling the
-task. It is not a Python identifier, so no named parameter can collide with it, and a call
-passing it through `**kwargs` is refused."""
+"""Where a taskbridge worker's deserializer hands JOB_FIELD to the job function: a reserved key
+of the kwargs, which the job function removes before calling the task (jobs queued by earlier
+versions carried it there on the wire too). It is not a Python identifier, so no named
+parameter can collide with it, and a call passing it through `**kwargs` is refused."""
 
 SYNC_FIELD = "sync"
 """In the carried policy: true when the task is a `def` (it runs in a thread, and a running one
@@ -122,7 +128,7 @@ def job_payload(
     signer: Signer | None = None,
 ) -> bytes:
     """The ARQ job dict for `call` as JSON: what `arq.jobs.serialize_job` builds, plus the
-    execution policy and the call's metadata under POLICY_KWARG, signed when `signer` is given."""
+    execution policy and the call's metadata in JOB_FIELD, signed when `signer` is given."""
     if POLICY_KWARG in call.kwargs:
         raise TaskArgumentError(
             f"task {call.name!r}: the keyword argument {POLICY_KWARG!r} is reserved by the ARQ "
@@ -154,8 +160,14 @@ def job_payload(
         carried = {**carried, SIGNATURE_FIELD: signature}
     if call.trace:
         carried[TRACE_FIELD] = call.trace
-    kwargs = {**call.kwargs, POLICY_KWARG: carried}
-    job = {"t": None, "f": call.name, "a": call.args, "k": kwargs, "et": enqueue_time_ms}
+    job = {
+        "t": None,
+        "f": call.name,
+        "a": call.args,
+        "k": call.kwargs,
+        "et": enqueue_time_ms,
+        JOB_FIELD: carried,
+    }
     return encode_json(job)
 
 

@@ -22,11 +22,12 @@ from typing import Any
 from taskbridge import MessageError, TaskBridgeError
 from taskbridge.backends import decode_json, encode_json
 
-from ._dispatch import JOB_TRY_FIELD, POLICY_KWARG
+from ._dispatch import JOB_FIELD, JOB_TRY_FIELD, POLICY_KWARG
 
 __all__ = [
     "RemoteTaskError",
     "deserialize",
+    "deserialize_for_worker",
     "exception_from_json",
     "exception_to_json",
     "serialize",
@@ -102,6 +103,15 @@ def serialize(data: dict[str, Any]) -> bytes:
     """
     if data.get("s") is False and isinstance(data.get("r"), BaseException):
         data = {**data, "r": exception_to_json(data["r"])}
+    kwargs = data.get("k")
+    if isinstance(kwargs, dict) and POLICY_KWARG in kwargs:
+        # A result of a job run by a taskbridge worker: the carried policy goes back to its
+        # own field, as in the job, and the kwargs stored are the call's own.
+        kwargs = dict(kwargs)
+        carried = kwargs.pop(POLICY_KWARG)
+        if isinstance(carried, dict):
+            carried = {k: v for k, v in carried.items() if k != JOB_TRY_FIELD}
+        data = {**data, "k": kwargs, JOB_FIELD: carried}
     return encode_json(data)
 
 
@@ -123,14 +133,27 @@ def deserialize(raw: bytes | str) -> dict[str, Any]:
         )
     _check_job_shape(data)
     data["a"] = tuple(data["a"])
-    if data.get("t") is not None and "r" not in data:
-        # A job to start at a given try: its job function checks that against the signature.
-        carried = data["k"].get(POLICY_KWARG)
-        if isinstance(carried, dict):
-            data["k"][POLICY_KWARG] = {**carried, JOB_TRY_FIELD: data["t"]}
     result = data.get("r")
     if data.get("s") is False and isinstance(result, dict) and "exception" in result:
         data["r"] = exception_from_json(result)
+    return data
+
+
+def deserialize_for_worker(raw: bytes | str) -> dict[str, Any]:
+    """A taskbridge worker's `job_deserializer`: `deserialize`, then the job's JOB_FIELD handed
+    to the job function as the reserved kwarg POLICY_KWARG (with the job's `t`, when set, for
+    the signature check: ARQ starts such a job at that try)."""
+    data = deserialize(raw)
+    if "r" in data:
+        return data
+    carried = data.pop(JOB_FIELD, None)
+    kwargs = data["k"]
+    if carried is None:
+        carried = kwargs.get(POLICY_KWARG)  # queued by an earlier version: in the kwargs
+    if isinstance(carried, dict) and data.get("t") is not None:
+        carried = {**carried, JOB_TRY_FIELD: data["t"]}
+    if carried is not None:
+        data["k"] = {**kwargs, POLICY_KWARG: carried}
     return data
 
 

@@ -30,7 +30,7 @@ from arq.constants import (
 from taskbridge import MessageError
 from taskbridge.backends import TaskErrorInfo, TaskStatus, decode_json, encode_json, timestamp
 
-from ._dispatch import POLICY_KWARG
+from ._dispatch import JOB_FIELD, POLICY_KWARG
 
 __all__ = [
     "CANCELLED_BEFORE_RETRY",
@@ -161,15 +161,20 @@ class Snapshot:
     @property
     def dispatched(self) -> bool:
         """Whether taskbridge queued the job (it carries a policy, and so its task's kind)."""
-        kwargs = self.job.get("k") if self.job else None
-        return isinstance(kwargs, dict) and isinstance(kwargs.get(POLICY_KWARG), dict)
+        return self._carried() is not None
 
     @property
     def carried(self) -> Mapping[str, Any]:
         """The carried policy and metadata of the queued job (empty when there are none)."""
-        kwargs = self.job.get("k") if self.job else None
-        carried = kwargs.get(POLICY_KWARG) if isinstance(kwargs, dict) else None
-        return carried if isinstance(carried, dict) else {}
+        return self._carried() or {}
+
+    def _carried(self) -> dict[str, Any] | None:
+        job = self.job or {}
+        carried = job.get(JOB_FIELD)
+        if carried is None:  # queued by an earlier version: in the kwargs
+            kwargs = job.get("k")
+            carried = kwargs.get(POLICY_KWARG) if isinstance(kwargs, dict) else None
+        return carried if isinstance(carried, dict) else None
 
     def status(self, alias: str) -> TaskStatus | None:
         """The TaskStatus these keys describe; None when Redis holds nothing of the job."""
@@ -276,4 +281,6 @@ def cancelled_result(snapshot: Snapshot, queue: str, now_ms: int) -> bytes:
         "q": queue,
         "id": snapshot.job_id,
     }
+    if JOB_FIELD in job:
+        data[JOB_FIELD] = job[JOB_FIELD]
     return encode_json(data)

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import redis
 from arq.jobs import JobStatus
-from taskbridge_arq import POLICY_KWARG, QUEUE_FIELD, SYNC_FIELD, WAKE_CHANNEL_PREFIX, ArqBackend
+from taskbridge_arq import (
+    JOB_FIELD,
+    POLICY_KWARG,
+    QUEUE_FIELD,
+    SYNC_FIELD,
+    WAKE_CHANNEL_PREFIX,
+    ArqBackend,
+)
 
 from taskbridge import BackendUnavailable, ConfigurationError, TaskArgumentError, TaskBridge
 
@@ -152,17 +159,19 @@ async def test_a_batch_is_one_round_trip_in_arqs_own_format(
     jobs = {job.job_id: job for job in await arq_redis.queued_jobs(queue_name=queue)}
     first, second, delayed = (jobs[i] for i in ids[:3])
     assert (first.function, first.args) == ("arqtest.echo", (1, "two"))
-    # echo is a def task (marked, so that cancel knows it cannot be interrupted); later async
-    sync = {SYNC_FIELD: True}
-    assert first.kwargs == {
-        "_job_id": "mine",
-        "_queue_name": "x",
-        "_defer_by": 9,
-        POLICY_KWARG: sync,
-    }
+    # The kwargs are the call's own (a plain ARQ worker calls the function with them); the
+    # policy rides in the job's own field. echo is a def task (marked, so that cancel knows
+    # it cannot be interrupted); later async
+    assert first.kwargs == {"_job_id": "mine", "_queue_name": "x", "_defer_by": 9}
     assert second.args == ([3.5, None],)
-    assert second.kwargs == {"ctx": {"a": True}, POLICY_KWARG: sync}
-    assert (delayed.args, delayed.kwargs) == ((7,), {POLICY_KWARG: {"retries": 2}})
+    assert second.kwargs == {"ctx": {"a": True}}
+    assert (delayed.args, delayed.kwargs) == ((7,), {})
+    raw = {i: json.loads(await arq_redis.get(f"arq:job:{i}")) for i in ids[:3]}
+    assert [raw[i][JOB_FIELD] for i in ids[:3]] == [
+        {SYNC_FIELD: True},
+        {SYNC_FIELD: True},
+        {"retries": 2},
+    ]
     assert delayed.score is not None and first.score is not None
     assert before_ms <= first.score < before_ms + 5000
     assert delayed.score - first.score == pytest.approx(30_000, abs=50)
@@ -170,14 +179,16 @@ async def test_a_batch_is_one_round_trip_in_arqs_own_format(
     assert await _arq(bridge).job(ids[2]).status() == JobStatus.deferred
     [routed] = await arq_redis.queued_jobs(queue_name=other)
     assert routed.job_id == ids[3]
-    assert routed.kwargs == {POLICY_KWARG: {"retries": 4, SYNC_FIELD: True, QUEUE_FIELD: other}}
+    assert routed.kwargs == {}
+    routed_raw = json.loads(await arq_redis.get(f"arq:job:{ids[3]}"))
+    assert routed_raw[JOB_FIELD] == {"retries": 4, SYNC_FIELD: True, QUEUE_FIELD: other}
 
     client = redis.Redis.from_url(redis_url)
     try:
         ttl = client.pttl(f"arq:job:{ids[2]}")
         assert 86_400_000 + 29_000 < ttl <= 86_400_000 + 30_000  # ARQ's expiry: due + 1 day
         raw = json.loads(client.get(f"arq:job:{ids[0]}") or b"")
-        assert set(raw) == {"t", "f", "a", "k", "et"}
+        assert set(raw) == {"t", "f", "a", "k", "et", JOB_FIELD}
     finally:
         client.close()
 

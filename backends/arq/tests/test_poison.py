@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from taskbridge_arq import POLICY_KWARG, WAKE_CHANNEL_PREFIX
+from taskbridge_arq import JOB_FIELD, POLICY_KWARG, WAKE_CHANNEL_PREFIX
 
 from .conftest import ArqApp, wait_until
 
@@ -56,12 +56,16 @@ def mutated_job(draw: st.DrawFn, task_name: str, key: str) -> bytes:
         "t": None,
         "f": task_name,
         "a": [key],
-        "k": {POLICY_KWARG: {"sync": True}},
+        "k": {},
         "et": int(time.time() * 1000),
+        JOB_FIELD: {"sync": True},
     }
     how = draw(
         st.sampled_from(
-            ["drop", "replace", "policy", "policy-any", "kwargs", "args", "task", "bytes", "array"]
+            [
+                *("drop", "replace", "policy", "policy-any", "legacy", "kwargs", "args"),
+                *("task", "bytes", "array"),
+            ]
         )
     )
     if how == "drop":
@@ -69,9 +73,12 @@ def mutated_job(draw: st.DrawFn, task_name: str, key: str) -> bytes:
     elif how == "replace":
         job[draw(st.sampled_from(sorted(job)))] = draw(json_values)
     elif how == "policy":
-        job["k"][POLICY_KWARG] = draw(policy_fields)
+        job[JOB_FIELD] = draw(policy_fields)
     elif how == "policy-any":
-        job["k"][POLICY_KWARG] = draw(json_values)
+        job[JOB_FIELD] = draw(json_values)
+    elif how == "legacy":  # where earlier versions carried the policy: the kwargs
+        del job[JOB_FIELD]
+        job["k"][POLICY_KWARG] = draw(json_values | policy_fields)
     elif how == "kwargs":
         job["k"].update(draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3)))
     elif how == "args":
@@ -138,8 +145,9 @@ def test_random_and_mutated_jobs_never_stop_the_worker(
                         "t": None,
                         "f": task_name,
                         "a": [after],
-                        "k": {POLICY_KWARG: {"sync": True}},
+                        "k": {},
                         "et": int(time.time() * 1000),
+                        JOB_FIELD: {"sync": True},
                     }
                 ).encode()
             ],

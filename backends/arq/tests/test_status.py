@@ -20,7 +20,7 @@ from arq.constants import abort_jobs_ss
 from fastapi.testclient import TestClient
 from taskbridge_arq import (
     DEDUP_KEY_PREFIX,
-    POLICY_KWARG,
+    JOB_FIELD,
     PROGRESS_KEY_PREFIX,
     SIGNATURE_FIELD,
     WAKE_CHANNEL_PREFIX,
@@ -411,7 +411,7 @@ async def _check_signed(
     arq_jobs.append(altered.id)
     raw = await client.get(f"arq:job:{altered.id}")
     job = json.loads(raw)
-    assert isinstance(job["k"][POLICY_KWARG][SIGNATURE_FIELD], str)
+    assert isinstance(job[JOB_FIELD][SIGNATURE_FIELD], str) and job["k"] == {}
     job["a"][1] = "tampered"
     await client.set(f"arq:job:{altered.id}", json.dumps(job), keepttl=True)
     await _make_due(app, record.policy.queue, altered)
