@@ -2,6 +2,8 @@
 
 Configure an alias (`TASKBRIDGE_BACKENDS__ARQ__REDIS_URL=redis://localhost:6379/1`), route tasks
 to it (`@bridge.task(backend="arq")`) and run `taskbridge worker arq myapp.tasks:bridge`.
+`worker_settings("myapp.tasks:bridge")` gives ARQ's own CLI (`arq --check`, `arq`) a
+WorkerSettings class for the same alias.
 """
 
 from ._backend import ArqBackend
@@ -14,6 +16,7 @@ from ._dispatch import (
     SYNC_FIELD,
     WAKE_CHANNEL_PREFIX,
 )
+from ._native import redis_settings, worker_settings
 from ._options import DEFAULT_QUEUE, ArqOptions
 from ._progress import ProgressReporter
 from ._serializer import (
@@ -46,5 +49,7 @@ __all__ = [
     "deserialize_for_worker",
     "exception_from_json",
     "exception_to_json",
+    "redis_settings",
     "serialize",
+    "worker_settings",
 ]

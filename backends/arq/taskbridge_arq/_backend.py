@@ -42,6 +42,7 @@ from ._dispatch import (
     GroupCommit,
     batch_arguments,
 )
+from ._jobs import UNLIMITED_TRIES
 from ._options import ArqOptions, sentinel_address
 from ._progress import ProgressReporter
 from ._serializer import deserialize, deserialize_for_worker, serialize
@@ -55,10 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["ArqBackend"]
 
 logger = logging.getLogger("taskbridge.arq")
-
-_UNLIMITED_TRIES = 2**31 - 1
-"""Given to ARQ, whose per-function max_tries cannot follow each job's own retries; the
-worker's job function applies max(retries + 1, max_tries) per job instead."""
 
 
 class ArqBackend(Backend):
@@ -491,7 +488,7 @@ class ArqBackend(Backend):
             keep_result=options.keep_result,
             keep_result_forever=options.keep_result_forever,
             queue_read_limit=options.queue_read_limit,
-            max_tries=_UNLIMITED_TRIES,
+            max_tries=UNLIMITED_TRIES,
             health_check_interval=options.health_check_interval,
             health_check_key=options.health_check_key,
             allow_abort_jobs=True,

@@ -29,7 +29,11 @@ from ._wakeups import WakeUps
 if TYPE_CHECKING:
     from arq.typing import WorkerCoroutine
 
-__all__ = ["job_functions"]
+__all__ = ["UNLIMITED_TRIES", "job_functions"]
+
+UNLIMITED_TRIES = 2**31 - 1
+"""Given to ARQ, whose per-function max_tries cannot follow each job's own retries; the job
+function applies max(retries + 1, max_tries) per job instead."""
 
 logger = logging.getLogger("taskbridge.arq")
 
