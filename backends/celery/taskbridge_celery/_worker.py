@@ -31,6 +31,7 @@ from taskbridge.backends import (
     run_blocking,
 )
 
+from ._health import watch_connection
 from ._inbound import guarded_strategy
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import (
@@ -82,6 +83,10 @@ def build_app(options: CeleryOptions, *, worker: bool = False) -> Celery:
 
     app = Celery("taskbridge", set_as_current=worker)
     app.conf.update(celery_config(options))
+    if worker:  # a malformed message is dropped, never fatal (see _consumer, _transport)
+        from ._consumer import worker_settings
+
+        app.conf.update(worker_settings(options))
     if options.result_backend is not None:
         # conf.result_backend stays the configured URL (for Flower and the celery tools).
         app.backend_cls = backend_cls(options.result_backend)
@@ -338,15 +343,14 @@ THREADS_WAKE_UP = 0.05
 """Seconds between wake-ups of a threads-pool worker's event loop (see `_wake_up_often`)."""
 
 
-def _wake_up_often(sender: Any = None, **_: Any) -> None:
+def _wake_up_often(consumer: Any, hub: Any) -> None:
     """Work around celery/celery#6941 for the threads pool.
 
     A thread finishing a task schedules its ack on the consumer's event loop without waking
     it, so with acks_late and a prefetch of one per thread the next message waits until the
     loop wakes by itself (up to seconds). A cheap periodic timer bounds that wait.
     """
-    if sender is not None:
-        sender.timer.call_repeatedly(THREADS_WAKE_UP, _nothing)
+    hub.timer.call_repeatedly(THREADS_WAKE_UP, _nothing)
 
 
 def _nothing() -> None:
@@ -370,7 +374,7 @@ def restore_interval(options: CeleryOptions) -> float:
 
 
 def _restore_often(interval: float) -> Any:
-    """A worker_ready receiver starting the periodic restore of unacknowledged messages."""
+    """A timer starter (see `_loop_timers`): the periodic restore of unacknowledged messages."""
 
     def restore(consumer: Any) -> None:
         task_consumer = getattr(consumer, "task_consumer", None)
@@ -383,11 +387,30 @@ def _restore_often(interval: float) -> Any:
         except Exception as exc:  # the consumer reconnects by itself; try again next time
             logger.debug("could not restore unacknowledged messages: %s", exc)
 
-    def start(sender: Any = None, **_: Any) -> None:
-        if sender is not None:
-            sender.timer.call_repeatedly(interval, restore, (sender,))
+    def start(consumer: Any, hub: Any) -> None:
+        hub.timer.call_repeatedly(interval, restore, (consumer,))
 
     return start
+
+
+def _loop_timers(starters: list[Any]) -> type[Any]:
+    """A consumer bootstep that sets taskbridge's periodic timers on the worker's event loop
+    each time the loop starts: `starter(consumer, hub)` for each of `starters`.
+
+    Not once at `worker_ready`: when the broker connection is lost, Celery clears the loop's
+    timers (`celery.worker.loops.asynloop`) and sets its own again on reconnection, through
+    `register_with_event_loop`; timers set once were gone after the first reconnection.
+    """
+    from celery import bootsteps
+
+    class LoopTimers(bootsteps.StartStopStep):  # type: ignore[misc]
+        """taskbridge's periodic timers (threads-pool wake-up, Redis restore)."""
+
+        def register_with_event_loop(self, consumer: Any, hub: Any) -> None:
+            for starter in starters:
+                starter(consumer, hub)
+
+    return LoopTimers
 
 
 def run_worker(
@@ -410,10 +433,21 @@ def run_worker(
     # child when it exits, in the main process for the solo pool.
     signals.worker_process_shutdown.connect(_close_loop, weak=False)
     signals.worker_shutdown.connect(_close_loop, weak=False)
+    timers: list[Any] = []
     if arguments.pool == "threads":
-        signals.worker_ready.connect(_wake_up_often, weak=False)
+        timers.append(_wake_up_often)
+        if "worker_enable_prefetch_count_reduction" not in (options.celery if options else {}):
+            # After a reconnection Celery lowers the prefetch count and raises it again from
+            # each finishing task's ack callback, which the threads pool runs in the task's
+            # thread: a basic.qos on the consumer's py-amqp connection from a second thread,
+            # racing the event loop's reads, which can hang that thread with the QoS lock held
+            # and leave the worker consuming nothing (seen with RabbitMQ behind a cut link).
+            app.conf.worker_enable_prefetch_count_reduction = False
     if options is not None and redis_transport(options):
-        signals.worker_ready.connect(_restore_often(restore_interval(options)), weak=False)
+        timers.append(_restore_often(restore_interval(options)))
+    if timers:
+        app.steps["consumer"].add(_loop_timers(timers))
+    health = watch_connection(app, queues, arguments)  # --health-file
     from celery.worker.control import control_command  # type: ignore[import-untyped]
 
     control_command(name=CANCEL_COMMAND, args=[("task_id", str)], signature="<task_id>")(
@@ -435,5 +469,8 @@ def run_worker(
         without_gossip=arguments.without_gossip,
         without_heartbeat=arguments.without_heartbeat,
     )
-    worker.start()
+    try:
+        worker.start()
+    finally:
+        health.close()
     return int(worker.exitcode or 0)
