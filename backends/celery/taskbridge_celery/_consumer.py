@@ -134,6 +134,14 @@ def describe(headers: object, queue: object) -> tuple[str, str, str]:
     )
 
 
+RECONNECT_START = 0.1
+"""Seconds before the worker's second attempt to reach a lost broker (kombu's default: 2)."""
+RECONNECT_STEP = 0.4
+"""Seconds added to each following pause (kombu's default: 2)."""
+RECONNECT_MAX = 2.0
+"""Longest pause between attempts (kombu's default: 30)."""
+
+
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, dropping the task messages its handler cannot take (see the module)."""
 
@@ -183,6 +191,24 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         if not message.acknowledged:
             message.reject_log_error(logger, self.connection_errors)
         record_failure(self.app, message.headers, message.properties, problem)
+
+    def ensure_connected(self, conn: Any) -> Any:
+        """Celery's reconnection, with kombu's pauses between attempts shortened from 2 s growing
+        by 2 s up to 30 s (so up to 30 s lost after a long outage) to 0.1 s growing by 0.4 s up
+        to 2 s: the worker is back within about 2 s of its broker, as the ARQ worker is."""
+        ensure = conn.ensure_connection
+
+        def sooner(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("interval_start", RECONNECT_START)
+            kwargs.setdefault("interval_step", RECONNECT_STEP)
+            kwargs.setdefault("interval_max", RECONNECT_MAX)
+            return ensure(*args, **kwargs)
+
+        conn.ensure_connection = sooner
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            del conn.ensure_connection
 
     def connect(self) -> Any:
         """Connect as Celery does; the guarded Redis transport of the connection records the
