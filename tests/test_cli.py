@@ -114,3 +114,7 @@ def test_redact_url_hides_passwords_only() -> None:
     assert redact_url("amqp://guest:s3cret@mq:5672//") == "amqp://guest:***@mq:5672//"
     assert redact_url("rediss://:pw@cache:6380/1") == "rediss://:***@cache:6380/1"
     assert redact_url("redis://cache:6379/2") == "redis://cache:6379/2"
+    assert redact_url("sentinel://:pw1@h1:26379;sentinel://:pw2@h2:26379/1") == (
+        "sentinel://:***@h1:26379;sentinel://:***@h2:26379/1"
+    )
+    assert redact_url("amqp://u:a@h1//;amqp://u:b@h2//") == "amqp://u:***@h1//;amqp://u:***@h2//"

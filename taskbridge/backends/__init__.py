@@ -208,9 +208,16 @@ class Backend(ABC):
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by `***`, for logs, errors and CLI output."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """`url` with its password replaced by `***`, for logs, errors and CLI output; each URL of
+    a `;`-separated failover or Sentinel list (`amqp://a;amqp://b`) is redacted."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parseable as a URL: show nothing that could be a secret
+        return "<unparseable URL>"
+    if password is None:
         return url
     netloc = parts.netloc.rpartition("@")
     user = netloc[0].partition(":")[0]
