@@ -103,10 +103,15 @@ def _properties(values: Mapping[str, Any]) -> bytes:
 def publish_frames(
     message: TaskMessage, channel: int, frame_max: int, *, mandatory: bool = True
 ) -> bytes:
-    """The method, content-header and body frames publishing `message` to its queue through
-    the default exchange."""
+    """The method, content-header and body frames publishing `message`: to its queue through
+    the default exchange, or to its own exchange and routing key (native delayed delivery)."""
     method = b"".join(
-        (_METHOD_BASIC_PUBLISH, b"\x00", _shortstr(message.queue), _U8.pack(1 if mandatory else 0))
+        (
+            _METHOD_BASIC_PUBLISH,
+            _shortstr(message.exchange),
+            _shortstr(message.routing_key or message.queue),
+            _U8.pack(1 if mandatory else 0),
+        )
     )
     properties = _properties(
         {

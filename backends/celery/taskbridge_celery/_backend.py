@@ -16,12 +16,13 @@ from taskbridge.backends import (
     Policy,
     TaskCall,
     TaskStatus,
-    redact_url,
 )
 
+from ._amqp import AmqpPublisher
 from ._keys import result_expires
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import MessageBuilder, TaskMessage
+from ._sentinel import redact as redact_url  # every password of a `;`-separated Sentinel list
 from ._status import Snapshot, StatusStore
 from ._worker import (
     CANCEL_COMMAND,
@@ -142,8 +143,6 @@ class CeleryBackend(Backend):
                 key_prefix=self.options.key_prefix or "",
                 marker_ttl=marker_ttl,
             )
-        from ._amqp import AmqpPublisher
-
         app = self.app
         timeout = self._timeout
 
@@ -155,9 +154,17 @@ class CeleryBackend(Backend):
         def declare(channel: Any, queue: str) -> None:
             app.amqp.queues[queue](channel).declare()
 
+        def declare_delayed(connection: Any, queue: str) -> None:
+            from ._delayed import declare_delayed_delivery
+
+            queue_type = app.conf.broker_native_delayed_delivery_queue_type
+            declare_delayed_delivery(connection, app.amqp.queues[queue], queue_type)
+
         # kombu's own switch; on by default here, so that a 2xx means RabbitMQ has the calls
         confirm = bool(app.conf.broker_transport_options.get("confirm_publish", True))
-        return AmqpPublisher(connect, declare, timeout, self.alias, confirm=confirm)
+        return AmqpPublisher(
+            connect, declare, timeout, self.alias, confirm=confirm, declare_delayed=declare_delayed
+        )
 
     @property
     def publisher(self) -> _Publisher:
@@ -234,7 +241,13 @@ class CeleryBackend(Backend):
             messages, taken, skipped = await self._take_keys(messages)
         publisher = self.publisher
         try:
-            if messages:
+            if messages and taken and isinstance(publisher, AmqpPublisher):
+                # Given up on (dispatch timeout) before it was written, the batch is withdrawn:
+                # never sent, so its keys go back, as when the broker refuses it.
+                skipped += await publisher.publish(
+                    messages, on_withdrawn=lambda: self._release_later(taken)
+                )
+            elif messages:
                 skipped += await publisher.publish(messages)
         except publisher.errors as exc:
             # Refused (not merely slow): give the keys back, so that dispatching again can work.
@@ -272,8 +285,8 @@ class CeleryBackend(Backend):
 
     def _release_later(self, task_ids: list[str]) -> None:
         # Not awaited: the dispatch is failing already, and a Redis that does not answer should
-        # not make it fail later. (On a dispatch timeout nothing is released: the publisher
-        # thread still sends what it was given.)
+        # not make it fail later. (On a dispatch timeout only a withdrawn batch's keys are
+        # released: a batch already written may still arrive.)
         store = self.store
         if not task_ids or store is None:
             return

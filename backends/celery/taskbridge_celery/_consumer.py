@@ -28,6 +28,7 @@ from taskbridge import MessageError
 from ._headers import check_celery_headers
 from ._options import redis_transport
 from ._protocol import ENQUEUED_HEADER
+from ._sentinel import is_sentinel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,11 +43,13 @@ logger = logging.getLogger("taskbridge.celery")
 
 CONSUMER = f"{__name__}:GuardedConsumer"
 REDIS_TRANSPORT = "taskbridge_celery._transport:GuardedRedisTransport"
+SENTINEL_TRANSPORT = "taskbridge_celery._transport:GuardedSentinelTransport"
 
 
 def worker_settings(options: CeleryOptions) -> dict[str, Any]:
     """The Celery settings that give a worker's app the guarded consumer and, on a Redis
-    broker, the guarded transport. Settings the alias sets itself (`celery` passthrough) win.
+    broker, the guarded transport (its Sentinel variant for a `sentinel://` broker). Settings
+    the alias sets itself (`celery` passthrough) win.
 
     The transport is named by `broker_transport`, next to the broker URL, which kombu still
     parses for host, port, database, credentials and `ssl_*` query options. One difference
@@ -59,6 +62,11 @@ def worker_settings(options: CeleryOptions) -> dict[str, Any]:
     if "worker_consumer" not in own:
         settings["worker_consumer"] = CONSUMER
     if redis_transport(options) and "broker_transport" not in own:
+        if is_sentinel(options.broker_url):
+            # kombu reads the Sentinel list (`;`), database and credentials from the URL, and
+            # `master_name` from the transport options, exactly as for its own `sentinel`.
+            settings["broker_transport"] = SENTINEL_TRANSPORT
+            return settings
         settings["broker_transport"] = REDIS_TRANSPORT
         url = urlsplit(options.broker_url)
         query = dict(parse_qsl(url.query))

@@ -120,12 +120,17 @@ def tb_fields(meta: Mapping[str, Any] | None) -> dict[str, Any]:
 # Dispatch on a Redis broker, in one round trip.
 # ARGV[1]: number of binding keys B; ARGV[2]: marker life in ms (0: write no marker);
 # ARGV[3..2+B]: binding members. KEYS[1..B]: binding keys.
-# Then per message, 3 keys (queue list, queued marker, dedup key) and 3 arguments (envelope,
-# marker value, key life in ms, 0 for a call without an idempotency key).
-# Returns the 1-based positions of the messages skipped because their dedup key was held.
+# Then per message, 3 keys (queue list, queued marker, dedup key) and 4 arguments (envelope,
+# marker value, key life in ms, 0 for a call without an idempotency key, and its request's
+# dispatch deadline in epoch ms by the API's clock, 0 for none).
+# Returns the 1-based positions of the messages skipped because their dedup key was held, and
+# the negated positions of those refused because they arrived after their deadline (their
+# request gave up and was answered 503: they must never be queued then).
 DISPATCH_SCRIPT = """
 local bindings = tonumber(ARGV[1])
 local marker_ttl = tonumber(ARGV[2])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for i = 1, bindings do
   redis.call('SADD', KEYS[i], ARGV[2 + i])
 end
@@ -134,19 +139,24 @@ local k, a, position = bindings, 2 + bindings, 0
 while k < #KEYS do
   position = position + 1
   local key_ttl = tonumber(ARGV[a + 3])
+  local deadline = tonumber(ARGV[a + 4])
   local push = true
-  if key_ttl > 0 then
+  if deadline > 0 and now > deadline then
+    push = false
+    skipped[#skipped + 1] = -position
+  elseif key_ttl > 0 then
     push = redis.call('SET', KEYS[k + 3], ARGV[a + 2], 'NX', 'PX', key_ttl) ~= false
+    if not push then
+      skipped[#skipped + 1] = position
+    end
   end
   if push then
     if marker_ttl > 0 then
       redis.call('SET', KEYS[k + 2], ARGV[a + 2], 'PX', marker_ttl)
     end
     redis.call('LPUSH', KEYS[k + 1], ARGV[a + 1])
-  else
-    skipped[#skipped + 1] = position
   end
-  k, a = k + 3, a + 3
+  k, a = k + 3, a + 4
 end
 return skipped
 """

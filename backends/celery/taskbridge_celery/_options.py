@@ -11,11 +11,21 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from taskbridge.backends import BackendOptions
 
+from ._sentinel import SENTINEL_SCHEME, is_sentinel, sentinel_address
+
 __all__ = ["JSON_ONLY", "CeleryOptions", "celery_config", "redis_transport"]
 
-BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps")
-RESULT_SCHEMES = ("redis", "rediss")
-REDIS_SCHEMES = ("redis", "rediss")
+BROKER_SCHEMES = ("redis", "rediss", SENTINEL_SCHEME, "amqp", "amqps")
+RESULT_SCHEMES = ("redis", "rediss", SENTINEL_SCHEME)
+REDIS_SCHEMES = ("redis", "rediss", SENTINEL_SCHEME)
+"""Redis, directly or through Sentinel (kombu's `SentinelTransport`, Celery's
+`SentinelBackend`)."""
+
+_TRANSPORT_OPTIONS = {
+    "broker_url": "broker_transport_options",
+    "result_backend": "result_backend_transport_options",
+}
+"""Where kombu (broker) and Celery (result backend) read `master_name` and `sentinel_kwargs`."""
 
 JSON_ONLY: dict[str, Any] = {
     "task_serializer": "json",
@@ -56,9 +66,11 @@ class CeleryOptions(BackendOptions):
     """Options of a `celery` backend alias (`TASKBRIDGE_BACKENDS__<ALIAS>__<OPTION>`)."""
 
     broker_url: str
-    """Broker URL: redis://, rediss://, amqp:// or amqps://."""
+    """Broker URL: redis://, rediss://, amqp://, amqps://, or Redis Sentinel:
+    `sentinel://[:password@]host:26379;sentinel://host2:26379/db` (with `sentinel_master`)."""
     result_backend: str | None = None
-    """Redis URL where results and failures are stored (JSON); None stores nothing."""
+    """Redis URL where results and failures are stored (JSON), redis://, rediss:// or
+    sentinel://...; None stores nothing."""
     default_queue: str = Field(default="taskbridge", min_length=1)
     """Queue of calls whose policy names none (Celery's `task_default_queue`)."""
     key_prefix: str | None = Field(default=None, min_length=1)
@@ -75,6 +87,14 @@ class CeleryOptions(BackendOptions):
     """Seconds `cancel` waits for a worker to stop a running call before answering."""
     celery: dict[str, Any] = Field(default_factory=dict)
     """Any other Celery setting by its lowercase name: `{"worker_max_tasks_per_child": 100}`."""
+    # After `celery`: their validators read the URLs and the transport options.
+    sentinel_password: str | None = Field(default=None, min_length=1)
+    """With a sentinel:// URL: the Sentinels' own password, if they require one (the URL's
+    password is the master's); sets `sentinel_kwargs.password` of the transport options."""
+    sentinel_master: str | None = Field(default=None, min_length=1, validate_default=True)
+    """With a sentinel:// broker_url or result_backend: the name of the master the Sentinels
+    monitor; sets kombu's and Celery's `master_name` transport option of each sentinel:// URL
+    (`broker_transport_options`, `result_backend_transport_options`)."""
 
     @field_validator("broker_url")
     @classmethod
@@ -85,6 +105,7 @@ class CeleryOptions(BackendOptions):
                 f"the scheme {scheme + '://' if scheme else '(none)'} is not supported; "
                 f"use one of {', '.join(s + '://' for s in BROKER_SCHEMES)}"
             )
+        sentinel_address(value)  # a Sentinel list kombu would read differently is refused
         return value
 
     @field_validator("result_backend")
@@ -93,8 +114,11 @@ class CeleryOptions(BackendOptions):
         if value is not None and _scheme(value) not in RESULT_SCHEMES:
             raise ValueError(
                 f"the scheme {_scheme(value) + '://' if _scheme(value) else '(none)'} is not "
-                "supported; use a redis:// or rediss:// URL, or leave it unset to store no results"
+                "supported; use a redis://, rediss:// or sentinel:// URL, or leave it unset to "
+                "store no results"
             )
+        if value is not None:
+            sentinel_address(value)
         return value
 
     @field_validator("key_prefix")
@@ -119,7 +143,7 @@ class CeleryOptions(BackendOptions):
 
     @field_validator("celery")
     @classmethod
-    def _known_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _known_settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         from celery.app.defaults import NAMESPACES, flatten  # type: ignore[import-untyped]
 
         options = dict(flatten(NAMESPACES))
@@ -133,6 +157,7 @@ class CeleryOptions(BackendOptions):
                     f"{key!r} must stay {JSON_ONLY[name]!r}: taskbridge sends JSON only, never "
                     "pickle"
                 )
+            _check_sentinel_tls(name, info)
             option = options.get(name)
             if option is None:
                 close = difflib.get_close_matches(name, options, n=1)
@@ -140,6 +165,67 @@ class CeleryOptions(BackendOptions):
                 raise ValueError(f"{key!r} is not a Celery setting{hint}")
             checked[name] = _coerce(item, option.type)
         return checked
+
+    @field_validator("sentinel_password")
+    @classmethod
+    def _password_needs_sentinel(cls, value: str | None, info: ValidationInfo) -> str | None:
+        urls = _sentinel_urls(info)
+        if value is not None and urls is not None and not urls:
+            raise ValueError(
+                "sentinel_password applies to sentinel:// URLs, and neither broker_url nor "
+                "result_backend is one"
+            )
+        return value
+
+    @field_validator("sentinel_master")
+    @classmethod
+    def _master_for_sentinel(cls, value: str | None, info: ValidationInfo) -> str | None:
+        urls = _sentinel_urls(info)
+        if urls is None:  # a URL was refused already
+            return value
+        if value is not None and not urls:
+            raise ValueError(
+                "sentinel_master applies to sentinel:// URLs, and neither broker_url nor "
+                "result_backend is one"
+            )
+        celery = info.data.get("celery") or {}
+        for field in urls:
+            setting = _TRANSPORT_OPTIONS[field]
+            transport = celery.get(setting)
+            native = transport.get("master_name") if isinstance(transport, dict) else None
+            if value is None and not native:
+                raise ValueError(
+                    f"{field} is a sentinel:// URL, so the name of the master its Sentinels "
+                    "monitor is needed: set this option (sentinel_master) to it, as in the "
+                    f"Sentinels' `sentinel monitor <name> ...` (or Celery's own "
+                    f"celery.{setting}.master_name)"
+                )
+            if value is not None and native and native != value:
+                raise ValueError(
+                    f"sentinel_master is {value!r} but celery.{setting}.master_name is "
+                    f"{native!r}; set only one of them"
+                )
+        return value
+
+
+def _sentinel_urls(info: ValidationInfo) -> list[str] | None:
+    """The options among broker_url and result_backend that are sentinel:// URLs; None when
+    one of them was refused (its own error says why)."""
+    if any(field not in info.data for field in _TRANSPORT_OPTIONS):
+        return None
+    return [field for field in _TRANSPORT_OPTIONS if is_sentinel(info.data[field])]
+
+
+_TLS_SETTINGS = {"broker_use_ssl": "broker_url", "redis_backend_use_ssl": "result_backend"}
+
+
+def _check_sentinel_tls(name: str, info: ValidationInfo) -> None:
+    field = _TLS_SETTINGS.get(name)
+    if field is not None and is_sentinel(info.data.get(field)):
+        raise ValueError(
+            f"{name!r} with a sentinel:// {field} (TLS to a Sentinel-managed Redis) is not "
+            "supported: taskbridge's API side would still connect to the master without TLS"
+        )
 
 
 def _coerce(value: Any, kind: str) -> Any:
@@ -161,8 +247,20 @@ def _coerce(value: Any, kind: str) -> Any:
 
 
 def redis_transport(options: CeleryOptions) -> bool:
-    """Whether the broker is Redis (so calls are sent with the Redis fast path)."""
+    """Whether the broker is Redis, directly or through Sentinel (so calls are sent with the
+    Redis fast path, and the worker uses the guarded Redis transport)."""
     return _scheme(options.broker_url) in REDIS_SCHEMES
+
+
+def _sentinel_options(options: CeleryOptions, transport: dict[str, Any]) -> None:
+    """Fill `master_name` and the Sentinels' password of a sentinel:// URL's transport options."""
+    if options.sentinel_master is not None:
+        transport["master_name"] = options.sentinel_master
+    if options.sentinel_password is not None:
+        transport["sentinel_kwargs"] = {
+            **(transport.get("sentinel_kwargs") or {}),
+            "password": options.sentinel_password,
+        }
 
 
 def celery_config(options: CeleryOptions) -> dict[str, Any]:
@@ -182,9 +280,13 @@ def celery_config(options: CeleryOptions) -> dict[str, Any]:
         transport["global_keyprefix"] = options.key_prefix
     if options.visibility_timeout is not None:
         transport["visibility_timeout"] = options.visibility_timeout
+    if is_sentinel(options.broker_url):
+        _sentinel_options(options, transport)
     config["broker_transport_options"] = transport
     results = dict(options.celery.get("result_backend_transport_options") or {})
     if options.key_prefix is not None and options.result_backend is not None:
         results["global_keyprefix"] = options.key_prefix
+    if is_sentinel(options.result_backend):
+        _sentinel_options(options, results)
     config["result_backend_transport_options"] = results
     return config

@@ -76,6 +76,11 @@ class TaskMessage:
     """AMQP basic properties besides content type, encoding and priority (always 0)."""
     key_ttl: float | None = None
     """Seconds the call's idempotency key is held (None: the call has no key)."""
+    exchange: str = ""
+    """The AMQP exchange it is published to: the default exchange (""), straight to `queue`,
+    or Celery's native delayed-delivery exchange for a delayed call on quorum queues."""
+    routing_key: str = ""
+    """Its AMQP routing key ("": the queue's name, through the default exchange)."""
 
     @property
     def id(self) -> str:
@@ -224,12 +229,23 @@ class _Capture:
         self.connection = self
         self.body: Any = None
         self.headers: dict[str, Any] = {}
+        self.exchange: Any = None
+        self.routing_key: Any = None
 
     def _reraise_as_library_errors(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def publish(self, body: Any, *, headers: dict[str, Any], **_: Any) -> None:
+    def publish(
+        self,
+        body: Any,
+        *,
+        headers: dict[str, Any],
+        exchange: Any = None,
+        routing_key: Any = None,
+        **_: Any,
+    ) -> None:
         self.body, self.headers = body, headers
+        self.exchange, self.routing_key = exchange, routing_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +270,7 @@ class MessageBuilder:
         self._app.conf.update({**dict(app.conf.changes), "result_backend": None})
         self._default_queue = default_queue
         self._templates: dict[tuple[str, float | None, float | None], _Template] = {}
+        self._delayed_routes: dict[str, tuple[str, str] | None] = {}
         amqp = self._app.amqp
         self._argsrepr_max = int(getattr(amqp, "argsrepr_maxsize", _REPR_MAX) or _REPR_MAX)
         self._kwargsrepr_max = int(getattr(amqp, "kwargsrepr_maxsize", _REPR_MAX) or _REPR_MAX)
@@ -279,6 +296,48 @@ class MessageBuilder:
             if len(self._templates) < 4096:
                 self._templates[key] = found
         return found
+
+    def delayed_route(self, name: str, queue: str) -> tuple[str, str] | None:
+        """(exchange, routing key) Celery's `send_task` publishes a delayed call to `queue`
+        through, when it uses RabbitMQ's native delayed delivery (Celery >= 5.5: quorum queues
+        and an exchange that is not direct); None when it would send it to the queue itself,
+        with its eta. The routing key is the queue's; a call's own is kombu's
+        `calculate_routing_key(seconds, routing_key)`, as in `send_task`.
+
+        Found once per queue by calling `send_task` with a countdown of one second and the
+        capturing producer, so the decision (`detect_quorum_queues`, the exchange type) is
+        Celery's own.
+        """
+        if queue in self._delayed_routes:
+            return self._delayed_routes[queue]
+        from kombu.transport.native_delayed_delivery import (  # type: ignore[import-untyped]
+            calculate_routing_key,
+        )
+
+        capture = _Capture()
+        self._app.send_task(
+            name,
+            args=(),
+            kwargs={},
+            task_id=_PLACEHOLDER,
+            countdown=1,
+            producer=capture,
+            queue=queue,
+        )
+        exchange = getattr(capture.exchange, "name", capture.exchange)
+        routing_key = capture.routing_key
+        prefix = str(calculate_routing_key(1, "-"))[:-1]  # the 28 bits of the countdown, dotted
+        route = None
+        if (
+            isinstance(exchange, str)
+            and exchange
+            and isinstance(routing_key, str)
+            and routing_key.startswith(prefix)
+        ):
+            route = (exchange, routing_key[len(prefix) :])
+        if len(self._delayed_routes) < 4096:
+            self._delayed_routes[queue] = route
+        return route
 
     def build(self, call: TaskCall) -> TaskMessage:
         """The protocol-v2 message for `call` (arguments are already JSON values)."""
@@ -315,6 +374,21 @@ class MessageBuilder:
         properties = {"correlation_id": call.id, "reply_to": "", "delivery_mode": 2}
         key_ttl = policy.key_ttl if policy.key is not None else None
         queue = policy.queue or self._default_queue
+        if policy.delay and policy.delay >= 1:  # Celery's int(countdown) must be positive
+            route = self.delayed_route(call.name, queue)
+            if route is not None:
+                from kombu.transport.native_delayed_delivery import calculate_routing_key
+
+                exchange, routing_key = route
+                return TaskMessage(
+                    queue,
+                    headers,
+                    body,
+                    properties,
+                    key_ttl,
+                    exchange,
+                    calculate_routing_key(int(policy.delay), routing_key),
+                )
         return TaskMessage(queue, headers, body, properties, key_ttl)
 
 

@@ -6,15 +6,21 @@ so nothing else is needed for delivery. The `_kombu.binding.<queue>` entry a Cel
 declares is added too (once per queue), so the broker looks exactly as if Celery had sent.
 
 Batches are group-committed: a request's batch is queued, and one flush task on the loop sends
-everything queued so far as one LPUSH per queue (MULTI/EXEC when several), then starts over with
-what arrived meanwhile. An idle broker sees each batch at once; a busy one sees few, large
-commands instead of one per request, which is what makes many concurrent requests cheap.
+everything queued so far in one round trip, then starts over with what arrived meanwhile. An
+idle broker sees each batch at once; a busy one sees few, large commands instead of one per
+request, which is what makes many concurrent requests cheap.
 
-With a result backend, each message's `taskbridge:queued:<id>` marker (so that status can tell
-a queued call from an unknown one) is SET in the same pipeline, after the LPUSH: still one round
-trip, about 2 µs of Redis time per call. A group holding a call with an idempotency key is sent
-as one Lua script instead (`_keys.DISPATCH_SCRIPT`): per message, SET NX PX of its dedup key when
-it has one (skipping the push when the key is held), its marker, and the LPUSH, atomically.
+A dispatch (which always has a deadline: the request's dispatch_timeout) is sent as one Lua
+script (`_keys.DISPATCH_SCRIPT`), atomically: per message, unless Redis's clock says it arrived
+after its deadline (its request gave up and was answered 503: a link that froze mid-write must
+not deliver it later), SET NX PX of its dedup key when it has an idempotency key (skipping the
+push when the key is held), its `taskbridge:queued:<id>` marker with a result backend (so that
+status can tell a queued call from an unknown one), and the LPUSH. Messages without a deadline
+or key go as one LPUSH per queue (MULTI/EXEC when several, markers after the push).
+
+A `sentinel://` broker is reached through redis.asyncio's Sentinel client (`_sentinel`), with
+the transport options kombu's workers read (`master_name`, `sentinel_kwargs`): each connection
+goes to the master the Sentinels name, so dispatch follows a failover.
 """
 
 from __future__ import annotations
@@ -22,16 +28,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import redis.asyncio
 from redis.exceptions import RedisError
 
+from taskbridge.backends import dispatch_deadline
+
 from ._keys import DISPATCH_SCRIPT, dedup_key, marker_value, queued_key
 from ._protocol import TaskMessage, redis_binding, redis_envelope, redis_queue_key
+from ._sentinel import async_redis, close_async_redis
 
-__all__ = ["RedisPublisher"]
+__all__ = ["LateBatch", "RedisPublisher"]
+
+
+class LateBatch(RedisError):
+    """Redis refused a batch that reached it after its request's dispatch deadline."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(
+            f"Redis received {count} call(s) after the dispatch deadline and refused them; "
+            "none was queued"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +63,8 @@ class _Entry:
     marker: bytes
     key_ttl_ms: int
     """0 for a call without an idempotency key."""
+    deadline_ms: int = 0
+    """When the request sending it gives up (epoch ms); 0: never."""
 
 
 _Batch = tuple[list[_Entry], asyncio.Future[list[str]]]
@@ -90,9 +111,7 @@ class RedisPublisher:
         # several loops one after the other (asyncio.run per call), so follow the loop.
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
-            client = redis.asyncio.Redis.from_url(
-                self._url, socket_connect_timeout=self._timeout, socket_timeout=self._timeout
-            )
+            client = async_redis(self._url, self._transport, self._timeout)
             self._state = _LoopState(loop, client)
         return self._state
 
@@ -116,6 +135,10 @@ class RedisPublisher:
             )
             for m in messages
         ]
+        deadline = dispatch_deadline()
+        if deadline is not None:
+            deadline_ms = int(deadline * 1000)
+            entries = [replace(entry, deadline_ms=deadline_ms) for entry in entries]
         batch: _Batch = (entries, state.loop.create_future())
         state.pending.append(batch)
         if state.flush is None:
@@ -134,8 +157,9 @@ class RedisPublisher:
                 group, state.pending = state.pending, []
                 error: BaseException | None = None
                 skipped: set[int] = set()
+                late: set[int] = set()
                 try:
-                    skipped = await self._send(
+                    skipped, late = await self._send(
                         state.client, [e for entries, _ in group for e in entries]
                     )
                 except asyncio.CancelledError:
@@ -147,7 +171,10 @@ class RedisPublisher:
                 start = 0
                 for entries, future in group:
                     if not future.done():
-                        if error is None:
+                        refused = sum(start <= i < start + len(entries) for i in late)
+                        if error is None and refused:
+                            future.set_exception(LateBatch(refused))
+                        elif error is None:
                             future.set_result(
                                 [e.id for i, e in enumerate(entries, start) if i in skipped]
                             )
@@ -157,13 +184,16 @@ class RedisPublisher:
         finally:
             state.flush = None
 
-    async def _send(self, client: redis.asyncio.Redis, entries: list[_Entry]) -> set[int]:
-        """Send `entries`; return the positions of those skipped (dedup key held)."""
+    async def _send(
+        self, client: redis.asyncio.Redis, entries: list[_Entry]
+    ) -> tuple[set[int], set[int]]:
+        """Send `entries`; return the positions of those skipped (dedup key held) and of those
+        Redis refused because they arrived after their dispatch deadline."""
         unbound = list(dict.fromkeys(e.queue for e in entries if e.queue not in self._bound))
-        if any(e.key_ttl_ms for e in entries):
-            skipped = await self._send_script(client, entries, unbound)
+        if any(e.key_ttl_ms or e.deadline_ms for e in entries):
+            skipped, late = await self._send_script(client, entries, unbound)
             self._bound.update(unbound)
-            return skipped
+            return skipped, late
         by_key: dict[str, list[bytes]] = {}
         for entry in entries:
             by_key.setdefault(entry.key, []).append(entry.envelope)
@@ -173,7 +203,7 @@ class RedisPublisher:
             # values keeps their order: the worker BRPOPs the oldest first.
             ((key, envelopes),) = by_key.items()
             await cast("Awaitable[int]", client.lpush(key, *envelopes))  # typed sync|async
-            return set()
+            return set(), set()
         # Several queues (or a queue's first use) go in MULTI/EXEC, so the batch stays atomic;
         # a single queue's LPUSH is atomic by itself, and its markers need not be (a marker
         # only makes status say "queued" until a worker stores STARTED).
@@ -188,11 +218,11 @@ class RedisPublisher:
                 pipe.set(queued_key(prefix, entry.id), entry.marker, px=marker_ttl)
         await pipe.execute()
         self._bound.update(unbound)
-        return set()
+        return set(), set()
 
     async def _send_script(
         self, client: redis.asyncio.Redis, entries: list[_Entry], unbound: list[str]
-    ) -> set[int]:
+    ) -> tuple[set[int], set[int]]:
         if self._script is None:
             self._script = client.register_script(DISPATCH_SCRIPT)
         bindings = [redis_binding(queue, self._transport) for queue in unbound]
@@ -201,9 +231,9 @@ class RedisPublisher:
         prefix = self._prefix
         for entry in entries:
             keys += (entry.key, queued_key(prefix, entry.id), dedup_key(prefix, entry.id))
-            args += (entry.envelope, entry.marker, entry.key_ttl_ms)
-        positions = await self._script(keys=keys, args=args, client=client)
-        return {int(p) - 1 for p in positions}
+            args += (entry.envelope, entry.marker, entry.key_ttl_ms, entry.deadline_ms)
+        positions = [int(p) for p in await self._script(keys=keys, args=args, client=client)]
+        return {p - 1 for p in positions if p > 0}, {-p - 1 for p in positions if p < 0}
 
     async def close(self) -> None:
         """Let the last flush finish, then close the current loop's connections."""
@@ -212,4 +242,4 @@ class RedisPublisher:
             return
         if state.flush is not None:
             await asyncio.gather(state.flush, return_exceptions=True)
-        await state.client.aclose()
+        await close_async_redis(state.client)

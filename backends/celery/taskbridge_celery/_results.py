@@ -14,6 +14,11 @@ adds two operations the worker uses instead of Celery's own writes:
 Every other store (SUCCESS, FAILURE, RETRY, REVOKED) merges the `taskbridge` field of the meta it
 replaces, which Celery reads anyway (its SUCCESS guard), so the start time, worker and progress
 survive into the final state.
+
+A `sentinel://` result backend gets `TaskBridgeSentinelBackend`: the same, on Celery's own
+`SentinelBackend` (the master named by `result_backend_transport_options.master_name`, found
+through the Sentinels by redis-py, again after a failover; the scripts run on whichever master
+the client's connection reaches, and are loaded there again when it does not know them).
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import time
 from typing import Any
 
 from celery import states  # type: ignore[import-untyped]
-from celery.backends.redis import RedisBackend  # type: ignore[import-untyped]
+from celery.backends.redis import (  # type: ignore[import-untyped]
+    RedisBackend,
+    SentinelBackend,
+)
 from celery.exceptions import BackendStoreError  # type: ignore[import-untyped]
 from kombu.utils.encoding import bytes_to_str  # type: ignore[import-untyped]
 
 from ._keys import CLAIM_SCRIPT, PROGRESS_SCRIPT, TB_FIELD, tb_fields
 from ._protocol import ENQUEUED_HEADER
+from ._sentinel import is_sentinel
 
-__all__ = ["TaskBridgeRedisBackend", "backend_cls", "request_fields"]
+__all__ = ["TaskBridgeRedisBackend", "TaskBridgeSentinelBackend", "backend_cls", "request_fields"]
 
 PROGRESS = "PROGRESS"
 """The state of a running call that reported progress (Celery's custom-state convention)."""
@@ -38,8 +47,10 @@ PROGRESS = "PROGRESS"
 
 def backend_cls(url: str) -> str:
     """What to set as `app.backend_cls` so that Celery builds this backend for `url`
-    (`<class>+<url>`, Celery's own syntax), leaving `conf.result_backend` as configured."""
-    return f"{__name__}:TaskBridgeRedisBackend+{url}"
+    (`<class>+<url>`, Celery's own syntax), leaving `conf.result_backend` as configured:
+    `TaskBridgeSentinelBackend` for a `sentinel://` URL, else `TaskBridgeRedisBackend`."""
+    name = "TaskBridgeSentinelBackend" if is_sentinel(url) else "TaskBridgeRedisBackend"
+    return f"{__name__}:{name}+{url}"
 
 
 def request_fields(request: Any, state: str) -> dict[str, Any]:
@@ -136,3 +147,9 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
         if self._progress_script is None:
             self._progress_script = self.client.register_script(PROGRESS_SCRIPT)
         return self._progress_script(keys=[key], args=args)
+
+
+class TaskBridgeSentinelBackend(TaskBridgeRedisBackend, SentinelBackend):  # type: ignore[misc]
+    """Celery's SentinelBackend (a RedisBackend whose connection pool asks the Sentinels for the
+    master), with the `taskbridge` field, `claim` and `report_progress` of
+    TaskBridgeRedisBackend (which its Method Resolution Order puts first)."""

@@ -3,7 +3,9 @@ with redis.asyncio, mapped onto TaskStatus; and the few writes the API side make
 call that has not started, taking idempotency keys for an AMQP broker).
 
 Nothing here goes through Celery: a status is one MGET (two GETs when the broker is another
-Redis than the results), never a thread or a blocking client.
+Redis than the results), never a thread or a blocking client. A `sentinel://` result backend
+(or broker) is reached through redis.asyncio's Sentinel client, with the transport options
+Celery and kombu read (`master_name`, `sentinel_kwargs`), so it follows a failover (`_sentinel`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from ._keys import (
     result_key_prefix,
     tb_fields,
 )
-from ._options import CeleryOptions, redis_transport
+from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import TaskMessage
+from ._sentinel import async_redis, close_async_redis, is_sentinel
 
 __all__ = ["STATES", "Snapshot", "StatusStore", "error_info"]
 
@@ -193,31 +196,42 @@ class StatusStore:
     def __init__(self, options: CeleryOptions, timeout: float) -> None:
         results = options.result_backend
         assert results is not None
-        self._results_url = results
+        config = celery_config(options)
+        self._results = (results, config["result_backend_transport_options"])
         self.tracks_queued = redis_transport(options) and options.track_queued
         """Whether dispatch writes a `queued` marker (Redis broker), so that a call with no
         result and no marker is unknown rather than possibly queued."""
-        self._markers_url = options.broker_url if redis_transport(options) else results
+        self._markers = (
+            (options.broker_url, config["broker_transport_options"])
+            if redis_transport(options)
+            else self._results
+        )
         self._result_prefix = result_key_prefix(options)
         self._prefix = own_prefix(options)
         self.expires = result_expires(options)
         self._timeout = timeout
         self._clients: _Clients | None = None
 
-    def _redis(self, url: str) -> redis.asyncio.Redis:
-        client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-            url, socket_connect_timeout=self._timeout, socket_timeout=self._timeout
+    def _redis(self, target: tuple[str, Mapping[str, Any]]) -> redis.asyncio.Redis:
+        url, transport_options = target
+        return async_redis(url, transport_options, self._timeout)
+
+    def _shared(self) -> bool:
+        """Whether the markers live in the results' Redis: same URL (and, for Sentinel, the
+        same master)."""
+        (markers, marker_options), (results, result_options) = self._markers, self._results
+        if markers != results:
+            return False
+        return not is_sentinel(results) or (
+            marker_options.get("master_name") == result_options.get("master_name")
         )
-        return client
 
     def _for_loop(self) -> _Clients:
         # redis.asyncio connections belong to the loop that opened them (see RedisPublisher).
         loop = asyncio.get_running_loop()
         if self._clients is None or self._clients.loop is not loop:
-            results = self._redis(self._results_url)
-            markers = (
-                None if self._markers_url == self._results_url else self._redis(self._markers_url)
-            )
+            results = self._redis(self._results)
+            markers = None if self._shared() else self._redis(self._markers)
             self._clients = _Clients(loop, results, markers)
         return self._clients
 
@@ -274,6 +288,6 @@ class StatusStore:
         clients, self._clients = self._clients, None
         if clients is None or clients.loop is not asyncio.get_running_loop():
             return
-        await clients.results.aclose()
+        await close_async_redis(clients.results)
         if clients.markers is not None:
-            await clients.markers.aclose()
+            await close_async_redis(clients.markers)

@@ -22,7 +22,11 @@ A dropped message was popped from its list already (that is its ack on Redis): i
 failed through `on_rejected`, which the worker's consumer sets (`_consumer.GuardedConsumer`).
 The worker keeps consuming. Errors of the link to Redis still propagate: Celery reconnects.
 
-Only the worker's app uses it (`_consumer.worker_settings`): dispatch never goes through kombu.
+`GuardedSentinelTransport` is the same on kombu's `SentinelTransport` (a `sentinel://` broker:
+the channel's connection pool asks the Sentinels for the master, again after a failover): the
+hooks above come first in its Method Resolution Order, kombu's Sentinel channel next.
+
+Only the worker's app uses them (`_consumer.worker_settings`): dispatch never goes through kombu.
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ from kombu.utils.encoding import bytes_to_str  # type: ignore[import-untyped]
 
 from ._consumer import describe
 
-__all__ = ["GuardedRedisChannel", "GuardedRedisTransport", "envelope_problem"]
+__all__ = [
+    "GuardedRedisChannel",
+    "GuardedRedisTransport",
+    "GuardedSentinelChannel",
+    "GuardedSentinelTransport",
+    "envelope_problem",
+]
 
 logger = logging.getLogger("taskbridge.celery")
 
@@ -242,3 +252,14 @@ class GuardedRedisTransport(redis.Transport):  # type: ignore[misc]
                 continue
             channel.basic_reject(tag, requeue=False)
             return
+
+
+class GuardedSentinelChannel(GuardedRedisChannel, redis.SentinelChannel):  # type: ignore[misc]
+    """kombu's Sentinel channel, dropping the popped messages it cannot decode."""
+
+
+class GuardedSentinelTransport(GuardedRedisTransport, redis.SentinelTransport):  # type: ignore[misc]
+    """kombu's Sentinel transport, dropping the envelopes kombu cannot read (see the module)."""
+
+    Channel = GuardedSentinelChannel
+    default_port = redis.SentinelTransport.default_port

@@ -132,14 +132,35 @@ def _trace(request: Any) -> dict[str, Any] | None:
     return carried if isinstance(carried, dict) else None
 
 
+NATIVE_DELAY_MIN = 1.5
+"""Seconds at least between a failed attempt and its retry when Celery sends retries through
+RabbitMQ's native delayed delivery (quorum queues): it counts whole seconds, and refuses a
+countdown that truncates to 0 (`calculate_routing_key`'s ValueError, which made Celery drop the
+call); the half second covers the time until Celery computes the countdown."""
+
+
+@functools.cache
+def _delays_natively(app: Any) -> bool:
+    """Whether Celery's `send_task` may use RabbitMQ's native delayed delivery for this app
+    (its own test: a quorum queue among the app's queues, on an AMQP broker)."""
+    from celery.utils.quorum_queues import detect_quorum_queues  # type: ignore[import-untyped]
+
+    with app.connection_for_write() as connection:  # (not connected: only its transport)
+        return bool(detect_quorum_queues(app, connection.transport.driver_type)[0])
+
+
 def _retry(celery_task: Any, receiver: Receiver, outcome: Outcome) -> Any:
-    """Celery's `retry` for the runner's decision: same id, due after the runner's backoff.
+    """Celery's `retry` for the runner's decision: same id, due after the runner's backoff
+    (at least `NATIVE_DELAY_MIN` on quorum queues).
 
     With a `signing_key`, the new message is signed again: its retry count and due time
     changed, and the signature covers them.
     """
     request = celery_task.request
-    eta = datetime.now(UTC) + timedelta(seconds=outcome.retry_in or 0.0)
+    delay = outcome.retry_in or 0.0
+    if 0 < delay < NATIVE_DELAY_MIN and _delays_natively(celery_task.app):
+        delay = NATIVE_DELAY_MIN
+    eta = datetime.now(UTC) + timedelta(seconds=delay)
     if receiver.signer is None:
         return celery_task.retry(eta=eta, exc=outcome.error)
     engine = engine_fields(request.timelimit, eta, _expires(request.expires), request.retries + 1)

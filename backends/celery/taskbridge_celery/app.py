@@ -6,8 +6,9 @@
 
 It uses the options of the alias named by TASKBRIDGE_CELERY_ALIAS (default `celery`), so the
 tools see the same broker, result backend, queues and Redis key prefix as the workers. It has
-no tasks registered: inspect the workers for those. Settings are read on first use, not at
-import.
+no tasks registered: inspect the workers for those, or point the tools at
+`taskbridge_celery.celery_app("myapp:bridge")`, which has them. Settings are read on first use,
+not at import.
 """
 
 from __future__ import annotations
@@ -36,5 +37,7 @@ def __getattr__(name: str) -> Any:
                 f"backend {alias!r} is a {type(backend).__name__}, not a Celery backend; set "
                 "TASKBRIDGE_CELERY_ALIAS to the alias of a Celery backend"
             )
-        _app = backend.app
+        from ._native import make_current
+
+        _app = make_current(backend.app)  # Flower's result endpoint reads the current app
     return _app

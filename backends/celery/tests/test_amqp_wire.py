@@ -30,7 +30,7 @@ def py_amqp_frames(message: Any, channel: int, frame_max: int) -> bytes:
         application_headers=message.headers,
         **message.properties,
     )
-    args = dumps("Bssbb", (0, "", message.queue, True, False))
+    args = dumps("Bssbb", (0, message.exchange, message.routing_key or message.queue, True, False))
     write(1, channel, spec.Basic.Publish, args, content)
     return b"".join(written)
 
@@ -84,3 +84,25 @@ def test_values_amqp_cannot_carry_are_refused(bridge: TaskBridge) -> None:
         publish_frames(message, 1, 131072)
     with pytest.raises(ValueError, match="255 bytes"):
         publish_frames(build_message(call, "q" * 300), 1, 131072)
+
+
+def test_a_delayed_call_on_quorum_queues_is_published_to_its_exchange_like_py_amqp() -> None:
+    from kombu.transport.native_delayed_delivery import (  # type: ignore[import-untyped]
+        calculate_routing_key,
+    )
+    from taskbridge_celery._protocol import MessageBuilder
+
+    celery = {"task_default_queue_type": "quorum", "task_default_exchange_type": "topic"}
+    options = {"broker_url": "amqp://h//", "default_queue": "wire-q", "celery": celery}
+    bridge = TaskBridge({"backends": {"celery": options}})
+
+    @bridge.task(name="wire.later", backend="celery")
+    def later() -> None:
+        """Only encoded."""
+
+    app = bridge.backend("celery").app  # type: ignore[attr-defined]
+    call = bridge.prepare(later.using(delay=90), (), {})[1]
+    message = MessageBuilder(app, "wire-q").build(call)
+    assert message.exchange == "celery_delayed_27"
+    assert message.routing_key == calculate_routing_key(90, "wire-q")
+    assert publish_frames(message, 2, 131072) == py_amqp_frames(message, 2, 131072)
