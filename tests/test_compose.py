@@ -128,6 +128,8 @@ def test_compose_commands_run_the_example_end_to_end(
     for name in ("api", "celery-worker", "arq-worker", "flower"):
         service = services[name]
         env = _local_env(service, redis_url, amqp_url, unique_name)
+        if name == "flower":  # its HTTP API, for this test only (the compose file keeps it off)
+            env["FLOWER_UNAUTHENTICATED_API"] = "true"
         started[name] = spawn_process(_argv(service["command"], ports), env=env, cwd=ROOT)
 
     base = f"http://127.0.0.1:{api_port}"
@@ -152,6 +154,11 @@ def test_compose_commands_run_the_example_end_to_end(
     assert done_report is not None and done_crm is not None
     assert (done_report["backend"], done_report["result"]["month"]) == ("celery", "2026-11")
     assert (done_crm["backend"], done_crm["result"]["user_id"]) == ("arq", 1)
+    # Flower runs on the Celery alias's own app: it reads the report's result
+    flower = f"http://127.0.0.1:{flower_port}/api/task/result/{report['report']}"
+    status, result = _http("GET", flower)
+    assert status == 200 and result["state"] == "SUCCESS"
+    assert result["result"]["month"] == "2026-11"
 
     # the workers' health check command passes against the same environment
     env = _local_env(services["celery-worker"], redis_url, amqp_url, unique_name)

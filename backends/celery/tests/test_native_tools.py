@@ -129,12 +129,16 @@ def test_flower_and_celery_inspect_see_taskbridge_calls(
             await bridge.open()
             try:
                 ids = [(await record.enqueue("tools", n)).id for n in range(3)]
-                later = await record.using(delay=2).enqueue("tools-revoked", "later")
+                later = await record.using(delay=3).enqueue("tools-revoked", "later")
                 return ids, later.id
             finally:
                 await bridge.close()
 
         ids, later = run(send)
+        # revoked through Flower at once, well before it is due (Celery's broadcast to the
+        # worker, which holds it until its eta)
+        code, revoked = _http("POST", f"{flower}/api/task/revoke/{later}")
+        assert code == 200 and later in revoked["message"]
 
         def listed() -> dict[str, Any]:
             code, tasks = _http("GET", f"{flower}/api/tasks")
@@ -157,8 +161,6 @@ def test_flower_and_celery_inspect_see_taskbridge_calls(
         assert result["state"] == "SUCCESS"
         assert result["result"]["args"] == [1] and result["task-id"] == ids[1]
 
-        code, revoked = _http("POST", f"{flower}/api/task/revoke/{later}")
-        assert code == 200 and later in revoked["message"]
         wait_until(
             lambda: _http("GET", f"{flower}/api/task/result/{later}")[1]["state"] == "REVOKED",
             15,
