@@ -37,6 +37,8 @@ class FaultProxy:
         self.delay = 0.0
         self.accepted = 0
         """Connections accepted so far (a client that reconnects shows here)."""
+        self.held = 0
+        """Chunks read while frozen and not forwarded yet (0 once a heal has let them through)."""
         self._loop = asyncio.new_event_loop()
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._healed = asyncio.Event()
@@ -170,8 +172,15 @@ class FaultProxy:
                 if self.mode == "slow":
                     await asyncio.sleep(self.delay)
                 else:
-                    await self._healed.wait()
-                    if writer.transport.is_closing():
-                        return
+                    self.held += 1
+                    try:
+                        await self._healed.wait()
+                        if writer.transport.is_closing():
+                            return
+                        writer.write(data)
+                    finally:
+                        self.held -= 1
+                    await writer.drain()
+                    continue
             writer.write(data)
             await writer.drain()
