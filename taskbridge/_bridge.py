@@ -35,8 +35,43 @@ __all__ = ["TaskBridge"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_STATE_KEY = "taskbridge"
+STATE_KEY = "taskbridge"
+"""Where `attach` puts the bridge on `app.state`."""
 logger = logging.getLogger("taskbridge")
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """Whether `b` is `a` or the same definition run again (a function decorated inside an
+    endpoint or a factory is a new object each time, with the same code)."""
+    if a is b:
+        return True
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return code_a is not None and code_a is code_b
+
+
+def importable_problem(task: Task[..., Any], backend: str) -> str | None:
+    """Why a worker process could not find `task` by its name, or None.
+
+    A worker imports the bridge's module and looks tasks up by registered name, so a task must
+    be registered at import time under a stable name. A lambda or a function defined inside
+    another function (`<locals>` in its qualified name) gets a default name that is neither
+    unique nor stable: it needs a `name=` (and its registration must run at import).
+    """
+    qualname = getattr(task.func, "__qualname__", "")
+    if task.name != f"{getattr(task.func, '__module__', None)}.{qualname}":
+        return None  # named explicitly: whoever did knows how the worker finds it
+    if "<lambda>" in qualname:
+        kind = "a lambda"
+    elif "<locals>" in qualname:
+        kind = f"defined inside a function ({qualname})"
+    else:
+        return None
+    return (
+        f"task {task.name!r} is {kind}, so a worker cannot find it: backend {backend!r} runs "
+        "calls in a worker process, which imports the bridge's module and looks tasks up by "
+        "name; define the function at module level, or give it a name= and register it when "
+        "the module is imported (or route the task to the inprocess backend)"
+    )
 
 
 class TaskBridge(HookRegistry):
@@ -55,6 +90,7 @@ class TaskBridge(HookRegistry):
         self._resolved: dict[Hashable, ResolvedPolicy] = {}
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.hooks = Hooks()
         self._signer: Signer | None = None
         self._signer_key: object = None
@@ -218,7 +254,7 @@ class TaskBridge(HookRegistry):
             fields = {k: v for k, v in given.items() if v is not None}
             checked = check_policy_fields(fields, f"@task for {task_name!r}")
             existing = self._tasks.get(task_name)
-            if existing is not None and existing.func is not f:
+            if existing is not None and not _same_function(existing.func, f):
                 raise ConfigurationError(
                     f"two functions are registered as task {task_name!r} "
                     f"({existing.func.__module__} and {f.__module__}); give one a name="
@@ -270,33 +306,97 @@ class TaskBridge(HookRegistry):
         return dict(self._backends)
 
     def validate(self) -> None:
-        """Check settings, backends and every task's route; raise ConfigurationError if wrong."""
+        """Check settings, backends and every task's route and policy.
+
+        Every problem found is reported in one ConfigurationError, each naming the setting or
+        decorator it comes from and the tasks concerned.
+        """
         settings = self.settings
-        aliases = [settings.default_backend, *settings.backends]
+        problems: list[ConfigurationError] = []
+        # Where each backend alias is named, for messages: the setting or the tasks using it.
+        named: dict[str, list[str]] = {settings.default_backend: [env_name("default_backend")]}
+        for alias in settings.backends:
+            named.setdefault(alias, []).append(env_name("backends", alias))
+        unresolved: list[Task[..., Any]] = []
         for task in self._tasks.values():
-            aliases.append(self.resolve(task).policy.backend)
-        for alias in dict.fromkeys(aliases):
-            self.backend(alias)
+            resolved = self.resolve(task, check=False)
+            alias, source = resolved.policy.backend, resolved.sources["backend"]
+            named.setdefault(alias, []).append(self._origin(task, source, "backend"))
+            unresolved.append(task)
+        broken: set[str] = set()
+        for alias, origins in named.items():
+            try:
+                self.backend(alias)
+            except ConfigurationError as exc:
+                broken.add(alias)
+                named_by = f"backend {alias!r} is named by {', '.join(origins)}"
+                problems.append(type(exc)(f"{exc} ({named_by})"))
+        for task in unresolved:
+            policy = self.resolve(task, check=False).policy
+            if policy.backend in broken:
+                continue
+            try:
+                self.resolve(task)
+            except ConfigurationError as exc:
+                problems.append(exc)
+                continue
+            if self.backend(policy.backend).supports_worker:
+                problem = importable_problem(task, policy.backend)
+                if problem is not None:
+                    problems.append(ConfigurationError(problem))
         for pattern, _ in self._routes:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in self._tasks):
-                raise ConfigurationError(
-                    f"{env_name('routes')}: the route {pattern!r} matches no registered task "
-                    f"(registered: {', '.join(sorted(self._tasks)) or 'none'})"
+                problems.append(
+                    ConfigurationError(
+                        f"{env_name('routes')}: the route {pattern!r} matches no registered "
+                        f"task (registered: {', '.join(sorted(self._tasks)) or 'none'})"
+                    )
                 )
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            listed = "\n".join(f"  - {problem}" for problem in problems)
+            raise ConfigurationError(f"{len(problems)} configuration problems:\n{listed}")
+
+    @staticmethod
+    def _origin(task: Task[..., Any], source: str, field: str) -> str:
+        """Where a policy field of `task` was set, as a user would find it."""
+        if source == "decorator":
+            return f"@task({field}=...) of task {task.name!r}"
+        if source == "using":
+            return f".using({field}=...) of task {task.name!r}"
+        if source.startswith("route "):
+            return f"{env_name('routes')}[{source[6:]}] for task {task.name!r}"
+        return f"{env_name('default_' + field)} for task {task.name!r}"
 
     async def open(self) -> None:
-        """Validate, then connect every backend in use. Safe to call more than once."""
-        if self._opened:
+        """Validate, then connect every backend in use. Safe to call more than once.
+
+        Without a lifespan, the first dispatch opens the bridge. Connections belong to the event
+        loop that opened them: when called on another loop (a `TestClient` used without `with`
+        runs each request on a loop of its own), backends that open connections are built and
+        opened again there (the old ones, bound to a loop that no longer runs, are dropped).
+        """
+        loop = asyncio.get_running_loop()
+        if self._opened and self._loop is loop:
             return
-        if self._open_lock is None:
-            self._open_lock = asyncio.Lock()
+        if self._loop is not loop:
+            self._open_lock, self._opened = asyncio.Lock(), False
+            if self._loop is not None:  # keep only the backends that hold no connections
+                self._backends = {
+                    alias: backend
+                    for alias, backend in self._backends.items()
+                    if type(backend).open is Backend.open
+                }
+                self._resolved.clear()
+        assert self._open_lock is not None
         async with self._open_lock:
             if self._opened:
                 return
             self.validate()
             for backend in self._backends.values():
                 await backend.open()
-            self._opened = True
+            self._opened, self._loop = True, loop
 
     async def close(self) -> None:
         """Close every backend (in-process ones wait for their running calls)."""
@@ -343,11 +443,12 @@ class TaskBridge(HookRegistry):
         are handed to `fallback` (by default, run as asyncio tasks here) with a warning; if any
         other call could not be sent, BackendUnavailable is raised.
         """
-        if not self._opened:
-            await self.open()
+        await self.open()
         groups: dict[Backend, list[TaskCall]] = {}
         for backend, call in batch:
-            groups.setdefault(backend, []).append(call)
+            # the backend prepared with, unless `open` rebuilt it for this event loop
+            current = self._backends.get(backend.alias, backend)
+            groups.setdefault(current, []).append(call)
         settings = self.settings
         if len(groups) == 1:  # the common case: no task hop, no gather
             [(backend, calls)] = groups.items()
@@ -460,8 +561,7 @@ class TaskBridge(HookRegistry):
         The handle's own backend is asked first, then the others: a call that fell back to
         in-process execution (on_unavailable="inprocess") is found there.
         """
-        if not self._opened:
-            await self.open()
+        await self.open()
         for backend in self._status_backends(handle.backend):
             found = await backend.status(handle.id)
             if found is not None:
@@ -470,8 +570,7 @@ class TaskBridge(HookRegistry):
 
     async def cancel(self, handle: TaskHandle) -> CancelResult:
         """Cancel the call behind `handle` on the backend that has it."""
-        if not self._opened:
-            await self.open()
+        await self.open()
         for backend in self._status_backends(handle.backend):
             if await backend.status(handle.id) is not None:
                 return await backend.cancel(handle.id)
@@ -506,7 +605,7 @@ class TaskBridge(HookRegistry):
 
     def attach(self, app: FastAPI) -> None:
         """Make this bridge the one `Tasks` finds in `app` (the lifespan does this)."""
-        setattr(app.state, _STATE_KEY, self)
+        setattr(app.state, STATE_KEY, self)
 
     def init_app(self, app: FastAPI) -> None:
         """Attach to an app that already has a lifespan, wrapping it with the bridge's."""
@@ -523,7 +622,7 @@ class TaskBridge(HookRegistry):
     @staticmethod
     def of(app: Any) -> TaskBridge:
         """The bridge attached to `app`; BridgeNotFoundError if there is none."""
-        bridge = getattr(app.state, _STATE_KEY, None)
+        bridge = getattr(app.state, STATE_KEY, None)
         if not isinstance(bridge, TaskBridge):
             raise BridgeNotFoundError(
                 "this app has no TaskBridge: create it with FastAPI(lifespan=bridge.lifespan) or "

@@ -35,10 +35,21 @@ def _hint(value: object) -> str:
     )
 
 
-def _normalize(value: Any, path: str, task_name: str, parameter: str) -> Any:
+MAX_DEPTH = 100
+"""Deepest nesting of lists and dicts accepted in a queued call's arguments."""
+
+
+def _normalize(value: Any, path: str, task_name: str, parameter: str, depth: int = 0) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return value
+    if depth >= MAX_DEPTH and (kind is list or kind is tuple or kind is dict):
+        raise TaskArgumentError(
+            f"task {task_name!r}: argument {parameter!r} is nested more than {MAX_DEPTH} levels "
+            f"deep (at {path[:80]}...); flatten it or pass a reference (an id, a URL) instead",
+            task_name=task_name,
+            parameter=parameter,
+        )
     if kind is float:
         if math.isfinite(value):
             return value
@@ -48,7 +59,10 @@ def _normalize(value: Any, path: str, task_name: str, parameter: str) -> Any:
             parameter=parameter,
         )
     if kind is list or kind is tuple:
-        return [_normalize(v, f"{path}[{i}]", task_name, parameter) for i, v in enumerate(value)]
+        return [
+            _normalize(v, f"{path}[{i}]", task_name, parameter, depth + 1)
+            for i, v in enumerate(value)
+        ]
     if kind is dict:
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -59,7 +73,7 @@ def _normalize(value: Any, path: str, task_name: str, parameter: str) -> Any:
                     task_name=task_name,
                     parameter=parameter,
                 )
-            out[key] = _normalize(item, f"{path}[{key!r}]", task_name, parameter)
+            out[key] = _normalize(item, f"{path}[{key!r}]", task_name, parameter, depth + 1)
         return out
     # Subclasses of JSON scalars (StrEnum, IntEnum, ...) travel as their plain value.
     if isinstance(value, str):
@@ -118,3 +132,5 @@ def decode_json(data: bytes | str, what: str) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MessageError(f"{what} is nested too deeply to decode") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import signal
@@ -100,6 +102,40 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
     raise ConfigurationError("the throwaway redis-server did not start")
 
 
+def _log_config() -> dict[str, Any]:
+    """uvicorn's own logging configuration plus a root logger at INFO, so that the app's
+    loggers show too (uvicorn configures only its own; reload children apply this as well)."""
+    try:
+        from uvicorn.config import LOGGING_CONFIG
+    except ImportError:
+        raise ConfigurationError(
+            "taskbridge dev runs the API with uvicorn: install it with "
+            "`pip install fastapi-taskbridge[server]`"
+        ) from None
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["app"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+        "use_colors": None,
+    }
+    config["handlers"]["app"] = {
+        "formatter": "app",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["app"], "level": "INFO"}
+    return config
+
+
+def _how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
 def _pump(name: str, colour: str, stream: IO[bytes], out: IO[str], lock: threading.Lock) -> None:
     prefix = f"{colour}{name:>8} |{_RESET} " if out.isatty() else f"{name:>8} | "
     for raw in iter(stream.readline, b""):
@@ -117,7 +153,9 @@ def run_dev(
     reload: bool = True,
     out: IO[str] = sys.stdout,
 ) -> int:
-    """Run the API and its workers until Ctrl-C (or SIGTERM); stop them all; return 0."""
+    """Run the API and its workers until Ctrl-C (or SIGTERM), or until one of them exits;
+    stop them all. Return 0 after Ctrl-C or SIGTERM, 1 when a process exited by itself."""
+    log_config = _log_config()
     env: dict[str, str] = dict(os.environ)
     redis: tuple[subprocess.Popen[bytes], str, str] | None = None
     plan = plan_workers(bridge)
@@ -139,16 +177,22 @@ def run_dev(
             f"taskbridge dev: started a throwaway Redis at {redis[1]} for {', '.join(needing)}",
             file=out,
         )
+    config_dir = tempfile.mkdtemp(prefix="taskbridge-dev-")
+    config_file = os.path.join(config_dir, "logging.json")
+    with open(config_file, "w", encoding="utf-8") as file:
+        json.dump(log_config, file)
     commands: dict[str, list[str]] = {
         "api": [sys.executable, "-m", "uvicorn", target, "--host", host, "--port", str(port)]
+        + ["--log-config", config_file]
         + (["--reload"] if reload else []),
     }
     for alias in plan:
         commands[alias] = [sys.executable, "-m", "taskbridge.cli", "worker", alias, target]
     lock = threading.Lock()
     processes: dict[str, subprocess.Popen[bytes]] = {}
-    pumps: list[threading.Thread] = []
+    pumps: dict[str, threading.Thread] = {}
     stop = threading.Event()
+    exited: str | None = None
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         for index, (name, argv) in enumerate(commands.items()):
@@ -167,21 +211,29 @@ def run_dev(
                 daemon=True,
             )
             pump.start()
-            pumps.append(pump)
-        while not stop.is_set() and all(p.poll() is None for p in processes.values()):
-            stop.wait(0.2)
+            pumps[name] = pump
+        while exited is None and not stop.wait(0.2):
+            exited = next((n for n, p in processes.items() if p.poll() is not None), None)
+        if exited is not None:
+            pumps[exited].join(2)  # its last lines (often the reason) come before ours
+            how = _how_it_ended(processes[exited].returncode)
+            others = ", ".join(name for name in processes if name != exited)
+            stopping = f"; stopping {others}" if others else ""
+            with lock:
+                print(f"taskbridge dev: {exited} {how}{stopping}", file=out, flush=True)
     except KeyboardInterrupt:
-        pass
+        exited = None
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_all(processes)
-        for pump in pumps:
+        for pump in pumps.values():
             pump.join(2)
         if redis is not None:
             redis[0].terminate()
             redis[0].wait(10)
             shutil.rmtree(redis[2], ignore_errors=True)
-    return 0
+        shutil.rmtree(config_dir, ignore_errors=True)
+    return 0 if exited is None else 1
 
 
 def _stop_all(processes: Mapping[str, subprocess.Popen[bytes]], grace: float = 15) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, ParamSpec
 
 from fastapi import BackgroundTasks, Depends, Request
 
-from ._bridge import TaskBridge
+from ._bridge import STATE_KEY, TaskBridge
 from ._handle import TaskHandle, new_task_id
 from ._task import Task, TaskCall
 from .backends import Backend
@@ -24,21 +24,27 @@ class TaskQueue:
     BackgroundTasks untouched. Tasks are routed by their policy: in-process ones join the same
     list (keeping `add_task` order), queued ones are buffered and sent in one batch per backend
     after the handler returns and before the response is sent; if the handler raises, none are.
+
+    A registered in-process task that fails does not stop the tasks after it (the runner logs
+    it); once the request's background tasks have all run, the first such error is raised out
+    of the app, as BackgroundTasks would raise it, for exception handlers, error trackers and
+    TestClient. No lifespan is needed: plain callables need no bridge, and a task carries its
+    own (opened on first dispatch).
     """
 
-    __slots__ = ("_background", "_bridge", "_pending")
+    __slots__ = ("_background", "_bridge", "_failures", "_pending")
 
-    def __init__(self, bridge: TaskBridge, background: BackgroundTasks) -> None:
+    def __init__(self, bridge: TaskBridge | None, background: BackgroundTasks) -> None:
         self._bridge = bridge
         self._background = background
         self._pending: list[tuple[Backend, TaskCall]] = []
+        self._failures: list[BaseException] | None = None
 
     def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
         """Add a call; return its handle. Non-JSON arguments for a queue raise here."""
         if isinstance(func, Task):
             backend, call = func.bridge.prepare(func, args, kwargs)
-            if not backend.defer_in_request(call, self._background):
-                self._pending.append((backend, call))
+            self._defer(backend, call)
             return call.handle
         self._background.add_task(func, *args, **kwargs)
         name = getattr(func, "__qualname__", None) or type(func).__qualname__
@@ -46,6 +52,12 @@ class TaskQueue:
         return TaskHandle(
             new_task_id(), f"{getattr(func, '__module__', None)}.{name}", None, self._bridge
         )
+
+    def _defer(self, backend: Backend, call: TaskCall) -> None:
+        if backend.runs_in_process and self._failures is None:
+            self._failures = []
+        if not backend.defer_in_request(call, self._background, self._failures):
+            self._pending.append((backend, call))
 
     @property
     def pending(self) -> list[TaskCall]:
@@ -56,22 +68,38 @@ class TaskQueue:
         """Send the buffered calls now (the dependency does this when the handler returns)."""
         if self._pending:
             batch, self._pending = self._pending, []
-            await self._bridge.dispatch(batch, self._fallback)
+            bridge = batch[0][1].task.bridge
+            if all(call.task.bridge is bridge for _, call in batch):
+                await bridge.dispatch(batch, self._fallback)
+            else:  # tasks of several bridges in one request: each sends its own
+                by_bridge: dict[TaskBridge, list[tuple[Backend, TaskCall]]] = {}
+                for item in batch:
+                    by_bridge.setdefault(item[1].task.bridge, []).append(item)
+                for owner, calls in by_bridge.items():
+                    await owner.dispatch(calls, self._fallback)
 
     def _fallback(self, call: TaskCall) -> None:
         # the broker was down and the policy allows it: run after the response, like inprocess
-        self._bridge.backend("inprocess").defer_in_request(call, self._background)
+        self._defer(call.task.bridge.backend("inprocess"), call)
+
+    async def _raise_first_failure(self) -> None:
+        # The last background task of a request that deferred registered in-process tasks.
+        if self._failures:
+            raise self._failures[0]
 
     async def _after_handler(self, exc_type: object, exc: object, tb: object) -> bool:
         # Run by FastAPI's per-endpoint exit stack after the handler returned (and its response
         # was built) and before the response is sent; on an exception nothing is dispatched.
         if exc_type is None:
             await self.flush()
+            if self._failures is not None:
+                self._background.add_task(self._raise_first_failure)
         return False
 
 
 async def _request_tasks(request: Request, background: BackgroundTasks) -> TaskQueue:
-    queue = TaskQueue(TaskBridge.of(request.app), background)
+    # The app's bridge if one is attached (for handles of plain callables); not required.
+    queue = TaskQueue(getattr(request.app.state, STATE_KEY, None), background)
     # The endpoint's own exit stack (what `Depends(scope="function")` uses, FastAPI >= 0.121):
     # registering on it directly costs a fraction of a generator dependency on every request.
     stack = request.scope.get("fastapi_function_astack")

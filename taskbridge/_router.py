@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
 
+from ._exceptions import BackendUnavailable
 from ._status import CancelResult, TaskStatus
 
 if TYPE_CHECKING:
     from ._bridge import TaskBridge
 
 __all__ = ["build_router"]
+
+logger = logging.getLogger("taskbridge")
 
 
 def build_router(bridge: TaskBridge, **options: Any) -> APIRouter:
@@ -27,7 +31,11 @@ def build_router(bridge: TaskBridge, **options: Any) -> APIRouter:
         responses={404: {"description": "No backend knows this task id"}},
     )
     async def get_task(task_id: str) -> TaskStatus:
-        status = await bridge.handle(task_id).info()
+        try:
+            status = await bridge.handle(task_id).info()
+        except BackendUnavailable as exc:
+            logger.warning("status of task call %s not available (answered 503): %s", task_id, exc)
+            raise
         if status.state == "unknown":
             raise HTTPException(status_code=404, detail=f"no task call with id {task_id!r}")
         return status
@@ -42,7 +50,11 @@ def build_router(bridge: TaskBridge, **options: Any) -> APIRouter:
         },
     )
     async def cancel_task(task_id: str) -> CancelResult:
-        result = await bridge.handle(task_id).cancel()
+        try:
+            result = await bridge.handle(task_id).cancel()
+        except BackendUnavailable as exc:
+            logger.warning("task call %s not cancelled (answered 503): %s", task_id, exc)
+            raise
         if result.state == "unknown":
             raise HTTPException(status_code=404, detail=f"no task call with id {task_id!r}")
         if not result.cancelled:

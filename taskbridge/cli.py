@@ -51,15 +51,25 @@ def load_bridge(target: str) -> TaskBridge:
 
 
 def describe_tasks(bridge: TaskBridge) -> str:
-    """Each task with its effective backend, queue and non-default policy, and their origins."""
+    """Each task with its effective backend, queue and non-default policy, and their origins.
+
+    The queue is the one the backend's workers really use: the policy's, else the backend's
+    default queue.
+    """
     bridge.validate()
     lines: list[str] = []
     for name in sorted(bridge.tasks):
         resolved = bridge.resolve(bridge.tasks[name])
+        backend = bridge.backend(resolved.policy.backend)
         lines.append(name)
         for field in POLICY_FIELDS:
             value = getattr(resolved.policy, field)
             source = resolved.sources[field]
+            if field == "queue" and value is None:
+                value = backend.queue_for(resolved.policy)
+                if value is None:
+                    continue  # a backend without queues: nothing to show
+                source = f"default of backend {backend.alias!r}"
             if (
                 field in ("backend", "queue")
                 or source != "default"
@@ -101,12 +111,23 @@ def _check(arguments: argparse.Namespace) -> int:
 
 
 def _worker(arguments: argparse.Namespace, rest: list[str]) -> int:
-    bridge = load_bridge(arguments.bridge)
-    bridge.validate()
-    backend = bridge.backend(arguments.backend)
+    from inspect import getattr_static
+
+    from ._settings import load_settings
+    from .backends import load_backend_class
+
+    alias, target = arguments.backend, arguments.bridge
+    wants_help = "-h" in rest or "--help" in rest
+    if alias is None or (target is None and not wants_help):
+        if wants_help:
+            arguments.worker_parser.print_help()
+            return 0
+        missing = "ALIAS, APP" if alias is None else "APP"
+        arguments.worker_parser.error(f"the following arguments are required: {missing}")
     parser = argparse.ArgumentParser(
-        prog=f"taskbridge worker {arguments.backend} {arguments.bridge}",
-        description=f"Options of the {type(backend).__name__} worker.",
+        prog=f"taskbridge worker {alias} {target or 'APP'}",
+        description=f"Run a worker for the tasks routed to backend {alias!r}. APP is the "
+        "module:attribute of the TaskBridge (or the FastAPI app).",
     )
     parser.add_argument(
         "--health-file",
@@ -114,8 +135,40 @@ def _worker(arguments: argparse.Namespace, rest: list[str]) -> int:
         help="a file that exists exactly while the worker is connected to its broker (for "
         "container health checks: test -f PATH)",
     )
-    backend.add_worker_arguments(parser)
-    return backend.run_worker(bridge, parser.parse_args(rest))
+    if not wants_help:
+        bridge = load_bridge(target)
+        bridge.validate()
+        backend = bridge.backend(alias)
+        backend.add_worker_arguments(parser)
+        return backend.run_worker(bridge, parser.parse_args(rest))
+    # --help needs neither the app nor broker settings; both only help find the alias's engine
+    options: dict[str, Any] = {}
+    try:
+        settings = load_bridge(target).settings if target else load_settings(None)
+        options = settings.backends.get(alias, {})
+    except ConfigurationError:
+        pass
+    try:
+        cls = load_backend_class(options.get("engine") or alias)
+    except ConfigurationError as exc:
+        hint = "" if target else " (for an alias set up in the app's code, give APP too)"
+        raise ConfigurationError(
+            f"cannot list the worker options of {alias!r}{hint}: {exc}"
+        ) from None
+    if not cls.supports_worker:
+        raise ConfigurationError(
+            f"backend {alias!r} ({cls.__name__}) has no worker: its calls run where they are "
+            "dispatched"
+        )
+    if isinstance(getattr_static(cls, "add_worker_arguments"), classmethod):
+        cls.add_worker_arguments(parser)
+    else:  # written as an instance method (older plugins): it needs the alias's options
+        try:
+            cls(alias, options).add_worker_arguments(parser)
+        except ConfigurationError:
+            parser.epilog = f"{cls.__name__} lists its own options once {alias!r} has settings."
+    parser.parse_args(rest)  # prints the help and exits 0
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,11 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "worker",
         help="run a worker for a backend's tasks",
-        description="Run a worker; options after the bridge are the backend's own (see -h).",
-        add_help=False,
+        usage="taskbridge worker [-h] ALIAS APP [worker options]",
+        description="Run a worker for the tasks routed to backend ALIAS; options after APP are "
+        "the backend's own: `taskbridge worker ALIAS --help` lists them.",
+        add_help=False,  # `worker ALIAS --help` shows the backend's options instead
     )
-    worker.add_argument("backend", help="backend alias, e.g. celery or arq")
-    worker.add_argument("bridge", help="module:attribute of the TaskBridge (or the FastAPI app)")
+    worker.add_argument("backend", nargs="?", metavar="ALIAS", help="backend alias: celery, arq")
+    worker.add_argument(
+        "bridge", nargs="?", metavar="APP", help="module:attribute of the TaskBridge or app"
+    )
+    worker.set_defaults(worker_parser=worker)
     return parser
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from conftest import WorkerProcess, wait_until
 from taskbridge._dev import free_port as _free_port
@@ -89,3 +93,83 @@ def test_dev_starts_a_throwaway_redis_and_the_workers_the_routes_need(
     assert state(report)["backend"] == "celery"  # type: ignore[index]
     dev.process.send_signal(signal.SIGINT)
     assert dev.process.wait(60) == 0
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TASKBRIDGE_")}
+
+
+@pytest.mark.parametrize("reload", [False, True], ids=["no-reload", "reload"])
+def test_dev_says_which_process_exited_and_how_then_exits_non_zero(
+    spawn_worker: Callable[..., WorkerProcess], reload: bool
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        dev = spawn_worker(
+            ["dev", "examples.quickstart:app", "--port", str(port)]
+            + ([] if reload else ["--no-reload"]),
+            env=_clean_env(),
+            cwd=ROOT,
+        )
+        assert dev.process.wait(45) == 1, dev.output
+    assert time.monotonic() - started < 45
+    assert re.search(r"api \| .*[Aa]ddress already in use", dev.output), dev.output
+    last = dev.output.strip().splitlines()[-1]
+    assert re.fullmatch(r"taskbridge dev: api exited with code [1-9]\d*", last), dev.output
+
+
+def test_dev_names_the_signal_that_killed_a_process(
+    spawn_worker: Callable[..., WorkerProcess],
+) -> None:
+    dev = spawn_worker(
+        ["dev", "examples.quickstart:app", "--port", str(_free_port()), "--no-reload"],
+        env=_clean_env(),
+        cwd=ROOT,
+    )
+    api_pid = int(dev.wait_for_output(r"api \| .*Started server process \[(\d+)\]").group(1))
+    dev.wait_for_output(r"api \| .*Uvicorn running on")
+    os.kill(api_pid, signal.SIGKILL)
+    assert dev.process.wait(30) == 1, dev.output
+    assert "taskbridge dev: api was killed by SIGKILL" in dev.output
+
+
+LOGGING_APP = """
+import logging
+
+from fastapi import FastAPI
+
+from taskbridge import TaskBridge
+
+logger = logging.getLogger("myapp")
+bridge = TaskBridge()
+app = FastAPI(lifespan=bridge.lifespan)
+
+
+@app.get("/hello")
+def hello() -> str:
+    logger.info("hello from the app")
+    logger.debug("debug lines stay hidden")
+    return "hi"
+"""
+
+
+def test_dev_shows_the_apps_own_log_lines(
+    spawn_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    (tmp_path / "myapp.py").write_text(LOGGING_APP)
+    port = _free_port()
+    # with reload, as `taskbridge dev` runs by default: the server is uvicorn's child process
+    dev = spawn_worker(["dev", "myapp:app", "--port", str(port)], env=_clean_env())
+    dev.wait_for_output(r"api \| .*Application startup complete", timeout=30)
+    # the reloader bound the port already; the server listens just after the app's start-up
+    wait_until(lambda: not _port_free(port), 10, f"the API to listen on port {port}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello", timeout=10) as response:
+        assert response.status == 200
+    dev.wait_for_output(r'api \| .*"GET /hello HTTP/1.1" 200')
+    dev.wait_for_output(r"api \| INFO: +myapp: hello from the app")
+    assert "debug lines stay hidden" not in dev.output
+    dev.process.send_signal(signal.SIGINT)
+    assert dev.process.wait(30) == 0, dev.output

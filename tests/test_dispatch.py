@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
-from taskbridge import BridgeNotFoundError, TaskBridge, TaskHandle, Tasks
+from taskbridge import TaskBridge, TaskHandle, Tasks
 from taskbridge.backends._builtin import RecordingBackend
 
 SETTINGS = {"backends": {"rec": {"engine": "recording"}, "other": {"engine": "recording"}}}
@@ -146,14 +146,29 @@ async def test_immediate_runs_at_dispatch_with_json_arguments() -> None:
     assert seen == [[1, 2]]
 
 
-def test_tasks_in_an_app_without_a_bridge_is_a_clear_error() -> None:
+def test_tasks_works_in_an_app_without_a_bridge_or_lifespan() -> None:
+    # No lifespan, no init_app, a TestClient not entered: plain callables need no bridge, and a
+    # registered task brings its own, opened on first dispatch.
+    bridge = TaskBridge(SETTINGS)
+    ran: list[str] = []
+
+    @bridge.task(backend="rec")
+    def queued(n: int) -> None: ...
+
     app = FastAPI()
 
     @app.get("/")
-    async def endpoint(tasks: Tasks) -> None: ...
+    async def endpoint(tasks: Tasks) -> str:
+        tasks.add_task(ran.append, "plain")
+        return tasks.add_task(queued, 1).id
 
-    with TestClient(app) as client, pytest.raises(BridgeNotFoundError, match="lifespan"):
-        client.get("/")
+    client = TestClient(app)
+    first, second = client.get("/"), client.get("/")
+    assert first.status_code == second.status_code == 200
+    assert ran == ["plain", "plain"]
+    recorded = bridge.backend("rec")
+    assert isinstance(recorded, RecordingBackend)
+    assert [call.id for call in recorded.calls] == [first.json(), second.json()]
 
 
 def test_init_app_keeps_the_apps_own_lifespan() -> None:

@@ -8,6 +8,7 @@ string (`package.module:Class`) in the alias's `engine` option.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -137,6 +138,16 @@ class Backend(ABC):
                 f"task {task_name!r}: backend {self.alias!r} cannot delay calls (delay="
                 f"{policy.delay}); route it to a backend that can or drop the delay"
             )
+        if policy.queue is not None and not self.supports_queues:
+            raise ConfigurationError(
+                f"task {task_name!r}: backend {self.alias!r} has no queues (queue="
+                f"{policy.queue!r}); route it to a queue backend or drop the queue"
+            )
+
+    def queue_for(self, policy: Policy) -> str | None:
+        """The queue this backend's workers take calls with `policy` from (the policy's own,
+        else the backend's default); None for backends without queues."""
+        return policy.queue
 
     async def open(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Connect to the engine (called once, at application start-up)."""
@@ -151,11 +162,18 @@ class Backend(ABC):
         """
         return "no broker"
 
-    def defer_in_request(self, call: TaskCall, background: BackgroundTasks) -> bool:
+    def defer_in_request(
+        self,
+        call: TaskCall,
+        background: BackgroundTasks,
+        failures: list[BaseException] | None = None,
+    ) -> bool:
         """Take a call inside a request at `add_task` time; return False to have it buffered.
 
         Buffered calls reach `enqueue` in one batch after the handler returned and before the
-        response is sent. In-process backends override this to use the request's tasks.
+        response is sent. In-process backends override this to use the request's tasks, and
+        append the error of a call that failed for good to `failures` (the request raises the
+        first one once its background tasks have run, as BackgroundTasks would).
         """
         return False
 
@@ -188,8 +206,14 @@ class Backend(ABC):
         """
         return {}
 
-    def add_worker_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
+    @classmethod  # noqa: B027 - optional hook, empty by default
+    def add_worker_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add the engine's own options to `taskbridge worker ALIAS`.
+
+        A classmethod, so that `taskbridge worker ALIAS --help` lists them without an app or
+        settings: defaults that depend on the alias's options are resolved in `run_worker`.
+        (An override written as an instance method still works for running a worker; its
+        options are then listed only once the alias's options validate.)
 
         Every worker also gets `--health-file PATH` (`arguments.health_file`, None without it):
         a worker keeps a `ConnectionState` with that file, so that the file exists exactly
@@ -233,12 +257,17 @@ def load_backend_class(engine: str) -> type[Backend]:
             cls = next(iter(found)).load()
             return _checked(engine, cls)
         if ":" not in engine and "." not in engine:
-            hint = (
-                f"; install it with `pip install {_PLUGINS[engine]}`"
-                if engine in _PLUGINS
-                else f"; built-in backends are {', '.join(sorted(_BUILTIN))}"
+            installed = installed_backends()
+            if engine in _PLUGINS:
+                hint = f"; install it with `pip install {_PLUGINS[engine]}`"
+            else:
+                close = difflib.get_close_matches(engine, installed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownBackendError(
+                f"no backend named {engine!r} is installed{hint}; installed backends: "
+                f"{', '.join(installed)} (or give an import string, package.module:Class, as "
+                "the alias's engine option)"
             )
-            raise UnknownBackendError(f"no backend named {engine!r} is installed{hint}")
         target = engine
     module_name, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
     try:
@@ -247,6 +276,12 @@ def load_backend_class(engine: str) -> type[Backend]:
     except (ImportError, AttributeError) as exc:
         raise UnknownBackendError(f"cannot import backend {engine!r}: {exc}") from None
     return _checked(engine, cls)
+
+
+def installed_backends() -> list[str]:
+    """Names of the built-in backends and of the installed plugins' backends, sorted."""
+    found = {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(found | set(_BUILTIN))
 
 
 def _checked(engine: str, cls: object) -> type[Backend]:

@@ -120,8 +120,11 @@ _cancellable: dict[str, asyncio.Task[Any]] = {}
 _cancel_requested: set[str] = set()
 
 
-async def run_in_process(call: TaskCall, reporter: MemoryReporter) -> None:
-    """Run a call here, after its delay, retrying as its policy says; failures are logged.
+async def run_in_process(
+    call: TaskCall, reporter: MemoryReporter, failures: list[BaseException] | None = None
+) -> None:
+    """Run a call here, after its delay, retrying as its policy says; failures are logged,
+    and the error of a call that failed for good is appended to `failures` when given.
 
     A call cancelled before it starts does not run; a running `async def` call is cancelled.
     """
@@ -137,7 +140,7 @@ async def run_in_process(call: TaskCall, reporter: MemoryReporter) -> None:
             await asyncio.sleep(call.policy.delay)
             if not call.task.is_async:
                 _cancellable.pop(call.id, None)
-        await run_with_retries(
+        outcome = await run_with_retries(
             call.task,
             call.args,
             call.kwargs,
@@ -146,6 +149,8 @@ async def run_in_process(call: TaskCall, reporter: MemoryReporter) -> None:
             reporter=reporter,
             trace=call.trace,
         )
+        if failures is not None and outcome.error is not None:
+            failures.append(outcome.error)
     except asyncio.CancelledError:
         if call.id not in _cancel_requested:
             raise
@@ -241,10 +246,15 @@ class InProcessBackend(_StoreBackend):
         super().__init__(alias, options)
         self._running: set[asyncio.Task[None]] = set()
 
-    def defer_in_request(self, call: TaskCall, background: BackgroundTasks) -> bool:
+    def defer_in_request(
+        self,
+        call: TaskCall,
+        background: BackgroundTasks,
+        failures: list[BaseException] | None = None,
+    ) -> bool:
         if self.keys.admit(call):
             self.reporter.queued(call)
-            background.add_task(run_in_process, call, self.reporter)
+            background.add_task(run_in_process, call, self.reporter, failures)
         return True
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:

@@ -100,6 +100,10 @@ class ArqBackend(Backend):
                 f"TASKBRIDGE_BACKENDS__{self.alias.upper()}__JOB_TIMEOUT or lower the timeout"
             )
 
+    def queue_for(self, policy: Policy) -> str:
+        """The ARQ queue (a sorted set) the call goes to: the policy's, else `queue_name`."""
+        return policy.queue or self.options.queue_name
+
     # -- dispatch -------------------------------------------------------------------------
 
     def connect(self, **redis_options: Any) -> ArqRedis:
@@ -427,18 +431,22 @@ class ArqBackend(Backend):
 
     # -- worker ---------------------------------------------------------------------------
 
-    def add_worker_arguments(self, parser: argparse.ArgumentParser) -> None:
+    @classmethod
+    def add_worker_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """`--queue`, `--max-jobs`, `--burst`."""
+        fields = cls.options_model.model_fields
         parser.add_argument(
             "--queue",
             default=None,
-            help=f"queue to serve (default: the queue_name option, {self.options.queue_name!r})",
+            help="queue to serve (default: the alias's queue_name option, "
+            f"{fields['queue_name'].default!r} if unset)",
         )
         parser.add_argument(
             "--max-jobs",
             type=int,
             default=None,
-            help=f"jobs run at once (default: the max_jobs option, {self.options.max_jobs})",
+            help="jobs run at once (default: the alias's max_jobs option, "
+            f"{fields['max_jobs'].default} if unset)",
         )
         parser.add_argument("--burst", action="store_true", help="exit once the queue is empty")
 

@@ -54,6 +54,10 @@ class _Publisher(Protocol):
     async def close(self) -> None: ...
 
 
+_PING_ID = "taskbridge-ping"
+"""A task id no call has: `ping` reads its status to check the result backend answers."""
+
+
 class CeleryBackend(Backend):
     """Sends calls to Celery workers as native Celery messages (protocol v2, JSON only).
 
@@ -102,6 +106,10 @@ class CeleryBackend(Backend):
                 "to a redis:// URL, drop the key, or route the task to a backend that supports "
                 "keys"
             )
+
+    def queue_for(self, policy: Policy) -> str:
+        """The Celery queue the call goes to: the policy's, else `default_queue`."""
+        return policy.queue or self.options.default_queue
 
     @property
     def _keys_in_redis(self) -> bool:
@@ -211,6 +219,12 @@ class CeleryBackend(Backend):
             await publisher.ping()
         except publisher.errors as exc:
             raise self._unavailable(f"does not answer ({type(exc).__name__}: {exc})") from exc
+        store = self.store
+        if store is not None:  # status reads go there: it must answer too
+            try:
+                await store.read(_PING_ID)
+            except store.errors as exc:
+                raise self._results_unavailable(exc) from exc
         results = self.options.result_backend
         return f"Celery broker {redact_url(self.options.broker_url)}" + (
             f", results in {redact_url(results)}" if results else ", no result backend"
@@ -487,7 +501,8 @@ class CeleryBackend(Backend):
         """Broker and results in the throwaway Redis of `taskbridge dev`."""
         return {"broker_url": redis_url, "result_backend": redis_url}
 
-    def add_worker_arguments(self, parser: argparse.ArgumentParser) -> None:
+    @classmethod
+    def add_worker_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """`--queues`, `--concurrency`, `--pool`, `--loglevel` and more, as `celery worker`."""
         add_worker_arguments(parser)
 

@@ -127,7 +127,7 @@ def test_celery_settings_from_the_environment_get_their_types(
 def test_a_delay_is_accepted_because_celery_supports_it() -> None:
     bridge = TaskBridge({"backends": {"celery": {"broker_url": "redis://h/1"}}})
 
-    @bridge.task(backend="celery", delay=30, queue="slow")
+    @bridge.task(name="opts.later", backend="celery", delay=30, queue="slow")
     def later() -> None:
         """Only validated."""
 
@@ -146,7 +146,7 @@ def test_a_delay_is_accepted_because_celery_supports_it() -> None:
 def test_an_idempotency_key_is_accepted_where_a_redis_can_hold_it(options: dict[str, Any]) -> None:
     bridge = TaskBridge({"backends": {"celery": options}})
 
-    @bridge.task(backend="celery")
+    @bridge.task(name="opts.keyed", backend="celery")
     def charge(order: int) -> None:
         """Only validated."""
 
@@ -158,7 +158,7 @@ def test_an_idempotency_key_is_accepted_where_a_redis_can_hold_it(options: dict[
 def test_an_idempotency_key_without_any_redis_is_refused_rather_than_ignored() -> None:
     bridge = TaskBridge({"backends": {"celery": {"broker_url": "amqp://u:secret@h//"}}})
 
-    @bridge.task(backend="celery")
+    @bridge.task(name="opts.keyed", backend="celery")
     def charge(order: int) -> None:
         """Only validated."""
 
