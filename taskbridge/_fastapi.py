@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Annotated, Any, ParamSpec
 
 from fastapi import BackgroundTasks, Depends, Request
@@ -32,13 +32,20 @@ class TaskQueue:
     own (opened on first dispatch).
     """
 
-    __slots__ = ("_background", "_bridge", "_failures", "_pending")
+    __slots__ = ("_background", "_bridge", "_failures", "_handler_done", "_pending", "_scope")
 
-    def __init__(self, bridge: TaskBridge | None, background: BackgroundTasks) -> None:
+    def __init__(
+        self,
+        bridge: TaskBridge | None,
+        background: BackgroundTasks,
+        scope: MutableMapping[str, Any] | None = None,
+    ) -> None:
         self._bridge = bridge
         self._background = background
+        self._scope = scope
         self._pending: list[tuple[Backend, TaskCall]] = []
         self._failures: list[BaseException] | None = None
+        self._handler_done = False
 
     def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
         """Add a call; return its handle. Non-JSON arguments for a queue raise here."""
@@ -56,8 +63,20 @@ class TaskQueue:
     def _defer(self, backend: Backend, call: TaskCall) -> None:
         if backend.runs_in_process and self._failures is None:
             self._failures = []
+            self._watch_response()
         if not backend.defer_in_request(call, self._background, self._failures):
+            if self._handler_done and not self._pending:
+                # added while a streaming response is sent: sent once it ends
+                self._watch_response()
             self._pending.append((backend, call))
+
+    def _watch_response(self) -> None:
+        # Once per request: have `_after_response` run when the response and its background
+        # tasks are done (FastAPI's request exit stack closes then).
+        stack = self._scope.get("fastapi_inner_astack") if self._scope is not None else None
+        if stack is not None and self._scope is not None:
+            self._scope = None  # registered: never twice
+            stack.push_async_exit(self._after_response)
 
     @property
     def pending(self) -> list[TaskCall]:
@@ -82,24 +101,28 @@ class TaskQueue:
         # the broker was down and the policy allows it: run after the response, like inprocess
         self._defer(call.task.bridge.backend("inprocess"), call)
 
-    async def _raise_first_failure(self) -> None:
-        # The last background task of a request that deferred registered in-process tasks.
-        if self._failures:
-            raise self._failures[0]
-
     async def _after_handler(self, exc_type: object, exc: object, tb: object) -> bool:
         # Run by FastAPI's per-endpoint exit stack after the handler returned (and its response
         # was built) and before the response is sent; on an exception nothing is dispatched.
         if exc_type is None:
             await self.flush()
-            if self._failures is not None:
-                self._background.add_task(self._raise_first_failure)
+        self._handler_done = True
+        return False
+
+    async def _after_response(self, exc_type: object, exc: object, tb: object) -> bool:
+        # Run once the response was sent and its background tasks ran: calls added while a
+        # streaming response was being sent go now, then the first error of a registered
+        # in-process task leaves the app, as a failing BackgroundTasks task would.
+        if exc_type is None:
+            await self.flush()
+            if self._failures:
+                raise self._failures[0]
         return False
 
 
 async def _request_tasks(request: Request, background: BackgroundTasks) -> TaskQueue:
     # The app's bridge if one is attached (for handles of plain callables); not required.
-    queue = TaskQueue(getattr(request.app.state, STATE_KEY, None), background)
+    queue = TaskQueue(getattr(request.app.state, STATE_KEY, None), background, request.scope)
     # The endpoint's own exit stack (what `Depends(scope="function")` uses, FastAPI >= 0.121):
     # registering on it directly costs a fraction of a generator dependency on every request.
     stack = request.scope.get("fastapi_function_astack")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -226,3 +227,30 @@ def test_strict_arguments_checks_in_process_tasks_but_passes_the_originals() -> 
         (datetime.date(2026, 1, 1), ("a", "b")),
         ("2026-01-01", ("a", "b")),
     ]
+
+
+def test_a_queued_call_added_while_streaming_is_sent_once_the_stream_ends() -> None:
+    # A generator endpoint's body runs after the endpoint's exit stack closed (FastAPI streams
+    # it): calls added there cannot go before the response; they go when the response ends.
+    from collections.abc import AsyncIterator
+
+    bridge = TaskBridge(SETTINGS)
+
+    @bridge.task(backend="rec")
+    def queued(n: int) -> None: ...
+
+    app = FastAPI()
+    ids: list[str] = []
+
+    @app.get("/items")
+    async def items(tasks: Tasks) -> AsyncIterator[dict[str, int]]:
+        for i in range(2):
+            ids.append(tasks.add_task(queued, i).id)
+            yield {"i": i}
+
+    response = TestClient(app).get("/items")
+    assert [json.loads(line) for line in response.text.splitlines()] == [{"i": 0}, {"i": 1}]
+    recorded = bridge.backend("rec")
+    assert isinstance(recorded, RecordingBackend)
+    assert [call.id for call in recorded.calls] == ids
+    assert [call.args for call in recorded.calls] == [[0], [1]]
