@@ -1090,6 +1090,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     only = [s for s in args.only.split(",") if s]
+    if only == ["soak"]:  # a run of its own: servers, workers and report (bench/soak.py)
+        from .soak import run_soak
+
+        return run_soak(args)
     unknown = set(only) - set(SECTIONS)
     if unknown:
         sys.exit(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")

@@ -19,7 +19,7 @@ from taskbridge.backends import (
 )
 
 from ._amqp import AmqpPublisher
-from ._keys import result_expires
+from ._keys import marker_life
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import MessageBuilder, TaskMessage
 from ._sentinel import redact as redact_url  # every password of a `;`-separated Sentinel list
@@ -140,10 +140,10 @@ class CeleryBackend(Backend):
             # No Celery app needed: the queue key follows from the transport options alone.
             transport = celery_config(self.options)["broker_transport_options"]
             # With a result backend, each message's `queued` marker goes in the same round trip
-            # (so status tells a queued call from an unknown one).
+            # (so status tells a queued call from an unknown one); the worker's claim deletes it.
             marker_ttl = 0.0
             if self.options.result_backend is not None and self.options.track_queued:
-                marker_ttl = float(result_expires(self.options) or 86400)
+                marker_ttl = marker_life(self.options)
             return RedisPublisher(
                 self.options.broker_url,
                 transport,

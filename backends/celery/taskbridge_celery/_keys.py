@@ -10,7 +10,10 @@ Two keys of taskbridge's own, under the alias's `key_prefix`:
 
 - `taskbridge:queued:<id>`: written with the message, in the same round trip, when the broker is
   Redis and there is a result backend, so that a call no worker took yet reads as "queued"
-  rather than Celery's PENDING ("unknown"). It expires with the results (`result_expires`).
+  rather than Celery's PENDING ("unknown"). It serves only until a worker claims the call (the
+  result says STARTED from then on), so the claim deletes it: in the claim's own script when the
+  broker and the results share a Redis, else with one DEL on the broker's. Its TTL, the
+  broker's visibility timeout plus the call's delay, removes the marker of a call never claimed.
 - `taskbridge:key:<id>`: held for `key_ttl` by the first dispatch of a call with an idempotency
   key; a dispatch that finds it held publishes nothing.
 
@@ -33,6 +36,7 @@ __all__ = [
     "REVOKE_SCRIPT",
     "TB_FIELD",
     "dedup_key",
+    "marker_life",
     "marker_value",
     "queued_key",
     "result_expires",
@@ -44,7 +48,14 @@ TB_FIELD = "taskbridge"
 """The field taskbridge adds to Celery's result meta."""
 
 DEFAULT_EXPIRES = 86400
-"""Celery's default `result_expires` (one day), also the life of markers without one."""
+"""Celery's default `result_expires` (one day)."""
+
+DEFAULT_VISIBILITY = 3600.0
+"""kombu's default `visibility_timeout` of a Redis broker (one hour)."""
+
+RUNNING_ONLY = ("hostname", "pid", "pool", "async")
+"""`taskbridge` fields that only serve while the call runs (to cancel it): not kept in the
+final result, where each stored call is worth its bytes."""
 
 
 def result_key_prefix(options: CeleryOptions) -> str:
@@ -88,6 +99,14 @@ def marker_value(task_name: str, enqueued_at: float) -> bytes:
     return b'{"task":%b,"enqueued_at":%b}' % (name, repr(float(enqueued_at)).encode())
 
 
+def marker_life(options: CeleryOptions) -> float:
+    """Seconds a `queued` marker outlives its call's delay if no worker claims the call: the
+    broker's visibility timeout (a Redis broker delivers an unacknowledged message again after
+    it, so a call claimed later than that is one whose worker is gone)."""
+    transport = celery_config(options)["broker_transport_options"]
+    return float(transport.get("visibility_timeout") or DEFAULT_VISIBILITY)
+
+
 def result_expires(options: CeleryOptions) -> int:
     """Seconds Celery keeps results (`result_expires`); 0 when they never expire."""
     value: Any = options.celery.get("result_expires", DEFAULT_EXPIRES)
@@ -118,28 +137,28 @@ def tb_fields(meta: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 # Dispatch on a Redis broker, in one round trip.
-# ARGV[1]: number of binding keys B; ARGV[2]: marker life in ms (0: write no marker);
-# ARGV[3..2+B]: binding members. KEYS[1..B]: binding keys.
-# Then per message, 3 keys (queue list, queued marker, dedup key) and 4 arguments (envelope,
-# marker value, key life in ms, 0 for a call without an idempotency key, and its request's
-# dispatch deadline in epoch ms by the API's clock, 0 for none).
+# ARGV[1]: number of binding keys B; ARGV[2..1+B]: binding members. KEYS[1..B]: binding keys.
+# Then per message, 3 keys (queue list, queued marker, dedup key) and 5 arguments (envelope,
+# marker value, key life in ms, 0 for a call without an idempotency key, its request's
+# dispatch deadline in epoch ms by the API's clock, 0 for none, and the marker's life in ms,
+# 0 to write no marker).
 # Returns the 1-based positions of the messages skipped because their dedup key was held, and
 # the negated positions of those refused because they arrived after their deadline (their
 # request gave up and was answered 503: they must never be queued then).
 DISPATCH_SCRIPT = """
 local bindings = tonumber(ARGV[1])
-local marker_ttl = tonumber(ARGV[2])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for i = 1, bindings do
-  redis.call('SADD', KEYS[i], ARGV[2 + i])
+  redis.call('SADD', KEYS[i], ARGV[1 + i])
 end
 local skipped = {}
-local k, a, position = bindings, 2 + bindings, 0
+local k, a, position = bindings, 1 + bindings, 0
 while k < #KEYS do
   position = position + 1
   local key_ttl = tonumber(ARGV[a + 3])
   local deadline = tonumber(ARGV[a + 4])
+  local marker_ttl = tonumber(ARGV[a + 5])
   local push = true
   if deadline > 0 and now > deadline then
     push = false
@@ -156,7 +175,7 @@ while k < #KEYS do
     end
     redis.call('LPUSH', KEYS[k + 1], ARGV[a + 1])
   end
-  k, a = k + 3, a + 4
+  k, a = k + 3, a + 5
 end
 return skipped
 """
@@ -165,9 +184,13 @@ return skipped
 # was revoked or already succeeded (then return that result and do not run it).
 # A REVOKED or SUCCESS result belongs to this dispatch unless it names another enqueue time:
 # a call keyed again after its key_ttl reuses the id, and must run.
-# KEYS[1]: result key. ARGV[1]: STARTED meta; ARGV[2]: expiry in s (0: none);
-# ARGV[3]: the message's enqueue time ('' when it has none).
+# The call's `queued` marker, which serves until now, is deleted either way.
+# KEYS[1]: result key; KEYS[2], when given: the queued marker. ARGV[1]: STARTED meta;
+# ARGV[2]: expiry in s (0: none); ARGV[3]: the message's enqueue time ('' when it has none).
 CLAIM_SCRIPT = """
+if #KEYS > 1 then
+  redis.call('DEL', KEYS[2])
+end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)

@@ -13,7 +13,14 @@ from taskbridge.backends import BackendOptions
 
 from ._sentinel import SENTINEL_SCHEME, is_sentinel, sentinel_address
 
-__all__ = ["JSON_ONLY", "CeleryOptions", "celery_config", "redis_transport"]
+__all__ = [
+    "JSON_ONLY",
+    "QUEUED_MARKERS",
+    "CeleryOptions",
+    "celery_config",
+    "markers_with_results",
+    "redis_transport",
+]
 
 BROKER_SCHEMES = ("redis", "rediss", SENTINEL_SCHEME, "amqp", "amqps")
 RESULT_SCHEMES = ("redis", "rediss", SENTINEL_SCHEME)
@@ -47,6 +54,11 @@ DELIVERY_DEFAULTS: dict[str, Any] = {
     "timezone": "UTC",
 }
 """At-least-once delivery: a message is acknowledged after its task ran, one at a time."""
+
+QUEUED_MARKERS = "taskbridge_queued_markers"
+"""A setting of taskbridge's own in the Celery configuration, present when dispatch writes
+`queued` markers: `{"prefix": the key prefix, "with_results": whether they live in the result
+backend's Redis}`, so that the worker's claim deletes them (see `_keys`)."""
 
 # Set through the alias's own options, not through the `celery` passthrough.
 _OWN = {
@@ -289,4 +301,21 @@ def celery_config(options: CeleryOptions) -> dict[str, Any]:
     if is_sentinel(options.result_backend):
         _sentinel_options(options, results)
     config["result_backend_transport_options"] = results
+    if options.result_backend is not None and options.track_queued and redis_transport(options):
+        config[QUEUED_MARKERS] = {
+            "prefix": options.key_prefix or "",
+            "with_results": markers_with_results(options, transport, results),
+        }
     return config
+
+
+def markers_with_results(
+    options: CeleryOptions, broker_options: dict[str, Any], result_options: dict[str, Any]
+) -> bool:
+    """Whether the broker's Redis (where `queued` markers live) is the result backend's: the
+    same URL (and, for Sentinel, the same master)."""
+    if options.broker_url != options.result_backend:
+        return False
+    return not is_sentinel(options.broker_url) or (
+        broker_options.get("master_name") == result_options.get("master_name")
+    )

@@ -12,11 +12,12 @@ request, which is what makes many concurrent requests cheap.
 
 A group is one LPUSH per queue (MULTI/EXEC when several), with each message's
 `taskbridge:queued:<id>` marker (so that status can tell a queued call from an unknown one) SET
-in the same pipeline after the push when there is a result backend. A group holding a call with
-an idempotency key is sent as one Lua script instead (`_keys.DISPATCH_SCRIPT`), atomically: per
-message, unless Redis's clock says it arrived after its request's dispatch deadline (the request
-gave up and was answered 503: a link that froze mid-write must not deliver it later), SET NX PX
-of its dedup key (skipping the push when the key is held), its marker, and the LPUSH. Keyless
+in the same pipeline after the push when there is a result backend. The worker's claim deletes
+the marker; its TTL (the visibility timeout plus the call's delay) only bounds the marker of a
+call no worker claims. A group holding a call with an idempotency key is sent as one Lua script
+instead (`_keys.DISPATCH_SCRIPT`), atomically: per message, unless Redis's clock says it arrived
+after its request's dispatch deadline (the request gave up and was answered 503: a link that
+froze mid-write must not deliver it later), SET NX PX of its dedup key (skipping the push when the key is held), its marker, and the LPUSH. Keyless
 calls are not sent that way: the script costs the broker more than a plain LPUSH (measured: 1.71x
 instead of 1.79x `delay()`'s requests/s), and a keyless batch can only arrive late if its bytes
 were on the wire when its request gave up; such a batch runs once (see the README).
@@ -30,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 import redis.asyncio
@@ -68,9 +71,20 @@ class _Entry:
     """0 for a call without an idempotency key."""
     deadline_ms: int = 0
     """When the request sending it gives up (epoch ms); 0: never."""
+    marker_ttl_ms: int = 0
+    """Life of its `queued` marker; 0: none is written."""
 
 
 _Batch = tuple[list[_Entry], asyncio.Future[list[str]]]
+
+
+def _delay_ms(message: TaskMessage) -> int:
+    """How long from now until a delayed call is due (its `eta` header); 0 for the others."""
+    eta = message.headers.get("eta")
+    if not eta:
+        return 0
+    due = eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))
+    return max(0, round((due.timestamp() - time.time()) * 1000))
 
 
 @dataclass
@@ -98,8 +112,9 @@ class RedisPublisher:
         key_prefix: str = "",
         marker_ttl: float = 0,
     ) -> None:
-        """`key_prefix` prefixes the marker and dedup keys; `marker_ttl` is the life of the
-        `queued` markers in seconds (0: write none, and push with plain LPUSH)."""
+        """`key_prefix` prefixes the marker and dedup keys; `marker_ttl` is how long a `queued`
+        marker outlives its call's delay, in seconds, if no worker claims the call (0: write
+        none, and push with plain LPUSH)."""
         self._url = url
         self._transport = dict(transport_options)
         self._timeout = timeout
@@ -126,7 +141,7 @@ class RedisPublisher:
         """Send `messages` (atomically, with the batches waiting alongside); return once Redis
         has them, with the ids of the keyed calls skipped because their key was held."""
         state = self._for_loop()
-        marked = self._marker_ttl_ms > 0
+        marker_ms = self._marker_ttl_ms
         deadline = dispatch_deadline()
         deadline_ms = 0 if deadline is None else int(deadline * 1000)
         entries = [
@@ -135,9 +150,10 @@ class RedisPublisher:
                 redis_queue_key(m.queue, self._transport),
                 redis_envelope(m),
                 m.id,
-                marker_value(m.task, m.enqueued_at) if marked or m.key_ttl is not None else b"",
+                marker_value(m.task, m.enqueued_at) if marker_ms or m.key_ttl is not None else b"",
                 0 if m.key_ttl is None else max(1, round(m.key_ttl * 1000)),
                 deadline_ms,
+                marker_ms + _delay_ms(m) if marker_ms else 0,
             )
             for m in messages
         ]
@@ -217,7 +233,7 @@ class RedisPublisher:
         if marker_ttl:
             prefix = self._prefix
             for entry in entries:  # after the push: a marker never names a call not queued
-                pipe.set(queued_key(prefix, entry.id), entry.marker, px=marker_ttl)
+                pipe.set(queued_key(prefix, entry.id), entry.marker, px=entry.marker_ttl_ms)
         await pipe.execute()
         self._bound.update(unbound)
         return set(), set()
@@ -229,11 +245,17 @@ class RedisPublisher:
             self._script = client.register_script(DISPATCH_SCRIPT)
         bindings = [redis_binding(queue, self._transport) for queue in unbound]
         keys: list[str] = [key for key, _ in bindings]
-        args: list[Any] = [len(bindings), self._marker_ttl_ms, *(member for _, member in bindings)]
+        args: list[Any] = [len(bindings), *(member for _, member in bindings)]
         prefix = self._prefix
         for entry in entries:
             keys += (entry.key, queued_key(prefix, entry.id), dedup_key(prefix, entry.id))
-            args += (entry.envelope, entry.marker, entry.key_ttl_ms, entry.deadline_ms)
+            args += (
+                entry.envelope,
+                entry.marker,
+                entry.key_ttl_ms,
+                entry.deadline_ms,
+                entry.marker_ttl_ms,
+            )
         positions = [int(p) for p in await self._script(keys=keys, args=args, client=client)]
         return {p - 1 for p in positions if p > 0}, {-p - 1 for p in positions if p < 0}
 
