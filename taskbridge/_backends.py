@@ -1,4 +1,5 @@
-"""The backend contract, for built-in backends and plugins alike.
+"""The backend contract and loader, for built-in backends and plugins alike (re-exported with
+the rest of the plugin SDK by `taskbridge.backends`).
 
 A backend is built as `Backend(alias, options)` from the `backends` setting. Plugins register
 their class in the entry-point group `taskbridge.backends`; a class can also be named by import
@@ -13,66 +14,65 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import BackgroundTasks
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .._codec import decode_json, encode_json, normalize_arguments
-from .._deadline import dispatch_deadline
-from .._exceptions import ConfigurationError, UnknownBackendError
-from .._health import ConnectionState
-from .._inbound import Envelope, ReadyCall, Receiver
-from .._policy import Policy, execution_fields, with_execution_fields
-from .._runner import (
-    Outcome,
-    StatusReporter,
-    TaskContext,
-    close_thread_loop,
-    run,
-    run_blocking,
-    run_with_retries,
-)
-from .._settings import env_name
-from .._signing import Signer
-from .._status import CancelResult, TaskErrorInfo, TaskStatus, timestamp
-from .._task import Task, TaskCall
-
-if TYPE_CHECKING:
-    from .._bridge import TaskBridge
+from ._exceptions import ConfigurationError, UnknownBackendError
+from ._policy import Policy, ResolvedPolicy
+from ._settings import TaskBridgeSettings, env_name
+from ._signing import Signer
+from ._status import CancelResult, TaskStatus
+from ._task import Hooks, Task, TaskCall
 
 __all__ = [
     "Backend",
     "BackendOptions",
-    "CancelResult",
-    "ConnectionState",
-    "Envelope",
-    "Outcome",
-    "Policy",
-    "ReadyCall",
-    "Receiver",
-    "Signer",
-    "StatusReporter",
-    "Task",
-    "TaskCall",
-    "TaskContext",
-    "TaskErrorInfo",
-    "TaskStatus",
-    "close_thread_loop",
-    "decode_json",
-    "dispatch_deadline",
-    "encode_json",
-    "execution_fields",
+    "WorkerBridge",
+    "installed_backends",
     "load_backend_class",
-    "normalize_arguments",
     "redact_url",
-    "run",
-    "run_blocking",
-    "run_with_retries",
-    "timestamp",
-    "with_execution_fields",
 ]
+
+
+class WorkerBridge(Protocol):
+    """What a backend's worker may use of the bridge it serves (`run_worker`'s argument)."""
+
+    hooks: Hooks
+
+    @property
+    def settings(self) -> TaskBridgeSettings:
+        """The validated settings."""
+        ...
+
+    @property
+    def signer(self) -> Signer | None:
+        """Verifies signed messages when `signing_key` is set."""
+        ...
+
+    @property
+    def tasks(self) -> Mapping[str, Task[..., Any]]:
+        """The registered tasks by name."""
+        ...
+
+    def get_task(self, name: str) -> Task[..., Any]:
+        """The task registered as `name` (UnknownTaskError otherwise)."""
+        ...
+
+    def resolve(self, task: Task[..., Any], *, check: bool = True) -> ResolvedPolicy:
+        """The task's effective policy."""
+        ...
+
+    def backend(self, alias: str) -> Backend:
+        """The backend built for `alias`."""
+        ...
+
+    def validate(self) -> None:
+        """Check settings, backends and every task (ConfigurationError)."""
+        ...
+
 
 ENTRY_POINT_GROUP = "taskbridge.backends"
 
@@ -115,6 +115,9 @@ class Backend(ABC):
     """Can cancel calls that have not started; see `cancel` for running ones."""
     options_model: ClassVar[type[BackendOptions]] = BackendOptions
     """The pydantic model the alias's options are validated with."""
+
+    signer: Signer | None = None
+    """Signs queued messages when the bridge has a `signing_key` (set before `open`)."""
 
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         self.alias = alias
@@ -220,7 +223,7 @@ class Backend(ABC):
         while it is connected to its broker.
         """
 
-    def run_worker(self, bridge: TaskBridge, arguments: argparse.Namespace) -> int:
+    def run_worker(self, bridge: WorkerBridge, arguments: argparse.Namespace) -> int:
         """Run a worker for `bridge`'s tasks until it is stopped; return the exit code."""
         raise ConfigurationError(
             f"backend {self.alias!r} ({type(self).__name__}) has no worker: "

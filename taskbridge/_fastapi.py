@@ -7,10 +7,11 @@ from typing import Annotated, Any, ParamSpec
 
 from fastapi import BackgroundTasks, Depends, Request
 
+from ._backends import Backend
 from ._bridge import STATE_KEY, TaskBridge
+from ._dispatch import FALLBACK_ALIAS
 from ._handle import TaskHandle, new_task_id
 from ._task import Task, TaskCall
-from .backends import Backend
 
 __all__ = ["TaskQueue", "Tasks"]
 
@@ -50,7 +51,9 @@ class TaskQueue:
     def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
         """Add a call; return its handle. Non-JSON arguments for a queue raise here."""
         if isinstance(func, Task):
-            backend, call = func.bridge.prepare(func, args, kwargs)
+            owner = func.bridge
+            assert isinstance(owner, TaskBridge), "a task registered on a TaskBridge"
+            backend, call = owner.dispatcher.prepare(func, args, kwargs)
             self._defer(backend, call)
             return call.handle
         self._background.add_task(func, *args, **kwargs)
@@ -87,19 +90,19 @@ class TaskQueue:
         """Send the buffered calls now (the dependency does this when the handler returns)."""
         if self._pending:
             batch, self._pending = self._pending, []
-            bridge = batch[0][1].task.bridge
-            if all(call.task.bridge is bridge for _, call in batch):
-                await bridge.dispatch(batch, self._fallback)
-            else:  # tasks of several bridges in one request: each sends its own
-                by_bridge: dict[TaskBridge, list[tuple[Backend, TaskCall]]] = {}
-                for item in batch:
-                    by_bridge.setdefault(item[1].task.bridge, []).append(item)
-                for owner, calls in by_bridge.items():
-                    await owner.dispatch(calls, self._fallback)
+            owners: dict[int, tuple[TaskBridge, list[tuple[Backend, TaskCall]]]] = {}
+            for item in batch:  # one bridge, nearly always
+                owner = item[1].task.bridge
+                assert isinstance(owner, TaskBridge)
+                owners.setdefault(id(owner), (owner, []))[1].append(item)
+            for owner, calls in owners.values():
+                await owner.dispatcher.dispatch(calls, self._fallback)
 
     def _fallback(self, call: TaskCall) -> None:
         # the broker was down and the policy allows it: run after the response, like inprocess
-        self._defer(call.task.bridge.backend("inprocess"), call)
+        owner = call.task.bridge
+        assert isinstance(owner, TaskBridge)
+        self._defer(owner.dispatcher.backend(FALLBACK_ALIAS), call)
 
     async def _after_handler(self, exc_type: object, exc: object, tb: object) -> bool:
         # Run by FastAPI's per-endpoint exit stack after the handler returned (and its response

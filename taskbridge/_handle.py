@@ -5,15 +5,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._exceptions import TaskCancelled, TaskFailed
 from ._status import CancelResult, TaskState, TaskStatus
 
-if TYPE_CHECKING:
-    from ._bridge import TaskBridge
+__all__ = ["CallTracker", "TaskHandle", "keyed_task_id", "new_task_id"]
 
-__all__ = ["TaskHandle", "keyed_task_id", "new_task_id"]
+
+class CallTracker(Protocol):
+    """What a handle asks about its call (the bridge answers)."""
+
+    async def status(self, handle: TaskHandle) -> TaskStatus:
+        """What the backends know of the call behind `handle`."""
+        ...
+
+    async def cancel(self, handle: TaskHandle) -> CancelResult:
+        """Cancel the call behind `handle`."""
+        ...
 
 
 def new_task_id() -> str:
@@ -44,7 +53,7 @@ class TaskHandle:
         id: str,
         task_name: str | None,
         backend: str | None,
-        bridge: TaskBridge | None = None,
+        bridge: CallTracker | None = None,
     ) -> None:
         self.id = id
         """The call's id, also the engine's task/job id."""
@@ -65,7 +74,7 @@ class TaskHandle:
     def __repr__(self) -> str:
         return f"TaskHandle(id={self.id!r}, task_name={self.task_name!r}, backend={self.backend!r})"
 
-    def _require_bridge(self) -> TaskBridge:
+    def _require_bridge(self) -> CallTracker:
         if self._bridge is None:
             raise RuntimeError("this handle is not bound to a bridge; use bridge.handle(id)")
         return self._bridge

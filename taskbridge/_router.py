@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, HTTPException
 
 from ._exceptions import BackendUnavailable
+from ._handle import TaskHandle
 from ._status import CancelResult, TaskStatus
-
-if TYPE_CHECKING:
-    from ._bridge import TaskBridge
 
 __all__ = ["build_router"]
 
 logger = logging.getLogger("taskbridge")
 
 
-def build_router(bridge: TaskBridge, **options: Any) -> APIRouter:
+class HandleSource(Protocol):
+    """What the router needs of the bridge: a handle for an id."""
+
+    def handle(self, task_id: str, backend: str | None = None) -> TaskHandle:
+        """A handle for the call `task_id`."""
+        ...
+
+
+def build_router(bridge: HandleSource, **options: Any) -> APIRouter:
     """Build the status router for `bridge` (see `TaskBridge.router`)."""
     options.setdefault("prefix", "/tasks")
     options.setdefault("tags", ["tasks"])

@@ -7,15 +7,12 @@ import inspect
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
-from ._handle import TaskHandle
-from ._policy import Policy, check_policy_fields
+from ._handle import CallTracker, TaskHandle
+from ._policy import Policy, ResolvedPolicy, check_policy_fields
 
-if TYPE_CHECKING:
-    from ._bridge import TaskBridge
-
-__all__ = ["Hook", "HookRegistry", "Hooks", "Task", "TaskCall"]
+__all__ = ["Hook", "HookRegistry", "Hooks", "Task", "TaskCall", "TaskOwner", "is_async_callable"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,6 +59,33 @@ class HookRegistry:
         return hook
 
 
+class TaskOwner(CallTracker, Protocol):
+    """What a task needs of the bridge it is registered on."""
+
+    hooks: Hooks
+
+    def resolve(self, task: Task[..., Any], *, check: bool = True) -> ResolvedPolicy:
+        """The task's effective policy."""
+        ...
+
+    async def enqueue(
+        self, task: Task[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> TaskHandle:
+        """Dispatch one call now."""
+        ...
+
+
+def is_async_callable(func: object) -> bool:
+    """Whether calling `func` returns a coroutine: an `async def` function, a partial of one, or
+    an object whose `__call__` is `async def`."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
+    return not inspect.isroutine(func) and call is not None and inspect.iscoroutinefunction(call)
+
+
 class Task(HookRegistry, Generic[P, R]):
     """A function registered on a bridge, with its policy.
 
@@ -71,22 +95,22 @@ class Task(HookRegistry, Generic[P, R]):
 
     def __init__(
         self,
-        bridge: TaskBridge,
+        bridge: TaskOwner,
         func: Callable[P, R],
         name: str,
         decorator_policy: Mapping[str, Any],
         using: Mapping[str, Any] | None = None,
         hooks: Hooks | None = None,
     ) -> None:
+        functools.update_wrapper(self, func)  # first: the task's own attributes below win
         self.bridge = bridge
         self.func = func
         self.name = name
         self.decorator_policy: Mapping[str, Any] = dict(decorator_policy)
         self.using_policy: Mapping[str, Any] = dict(using or {})
         self.hooks = hooks if hooks is not None else Hooks()
-        self.is_async = inspect.iscoroutinefunction(func)
+        self.is_async = is_async_callable(func)
         self.signature = inspect.signature(func)
-        functools.update_wrapper(self, func)
 
     @property
     def policy(self) -> Policy:

@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 from fastapi import BackgroundTasks
 from pydantic import Field
 
+from .._backends import Backend, BackendOptions
 from .._runner import Outcome, TaskContext, run_with_retries
 from .._status import CancelResult, MemoryStatusStore, TaskErrorInfo, TaskStatus, timestamp
 from .._task import TaskCall
-from . import Backend, BackendOptions
 
 __all__ = [
     "ImmediateBackend",

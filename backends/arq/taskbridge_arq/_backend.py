@@ -30,6 +30,7 @@ from taskbridge.backends import (
     Policy,
     TaskCall,
     TaskStatus,
+    WorkerBridge,
     dispatch_deadline,
     redact_url,
 )
@@ -206,7 +207,7 @@ class ArqBackend(Backend):
             default_queue=self.options.queue_name,
             now_ms=timestamp_ms(),
             expires_extra_ms=self.options.expires_extra_ms,
-            signer=calls[0].task.bridge.signer,
+            signer=self.signer,
             deadline_ms=0 if deadline is None else int(deadline * 1000),
         )
         try:
@@ -505,7 +506,7 @@ class ArqBackend(Backend):
             expires_extra_ms=options.expires_extra_ms,
         )
 
-    def run_worker(self, bridge: TaskBridge, arguments: argparse.Namespace) -> int:
+    def run_worker(self, bridge: WorkerBridge, arguments: argparse.Namespace) -> int:
         """Run an ARQ worker until SIGTERM/SIGINT (or, with `--burst`, an empty queue).
 
         Redis faults do not end it: it reconnects (see TaskbridgeWorker), including when Redis

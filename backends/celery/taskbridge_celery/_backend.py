@@ -16,6 +16,7 @@ from taskbridge.backends import (
     Policy,
     TaskCall,
     TaskStatus,
+    WorkerBridge,
 )
 
 from ._amqp import AmqpPublisher
@@ -36,7 +37,6 @@ from ._worker import (
 if TYPE_CHECKING:
     from celery import Celery  # type: ignore[import-untyped]
 
-    from taskbridge import TaskBridge
 
 __all__ = ["CeleryBackend"]
 
@@ -248,7 +248,7 @@ class CeleryBackend(Backend):
         builder = self._builder
         if builder is None:
             builder = self._builder = MessageBuilder(self.app, self.options.default_queue)
-        messages = [builder.build(call) for call in calls]
+        messages = [builder.build(call, self.signer) for call in calls]
         taken: list[str] = []
         skipped: list[str] = []
         if not redis_transport(self.options) and any(m.key_ttl is not None for m in messages):
@@ -506,7 +506,7 @@ class CeleryBackend(Backend):
         """`--queues`, `--concurrency`, `--pool`, `--loglevel` and more, as `celery worker`."""
         add_worker_arguments(parser)
 
-    def run_worker(self, bridge: TaskBridge, arguments: argparse.Namespace) -> int:
+    def run_worker(self, bridge: WorkerBridge, arguments: argparse.Namespace) -> int:
         """Build a Celery app with a task per bridge task and run a Celery worker with it."""
         app = build_app(self.options, worker=True)
         register_tasks(app, bridge, self.alias)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from taskbridge import MessageError
-from taskbridge.backends import Policy, TaskCall, execution_fields
+from taskbridge.backends import Policy, Signer, TaskCall, execution_fields
 
 __all__ = [
     "ENQUEUED_HEADER",
@@ -339,8 +339,9 @@ class MessageBuilder:
             self._delayed_routes[queue] = route
         return route
 
-    def build(self, call: TaskCall) -> TaskMessage:
-        """The protocol-v2 message for `call` (arguments are already JSON values)."""
+    def build(self, call: TaskCall, signer: Signer | None = None) -> TaskMessage:
+        """The protocol-v2 message for `call` (arguments are already JSON values), signed by
+        `signer` when given."""
         policy = call.policy
         eta_at = None
         if policy.delay:
@@ -361,7 +362,6 @@ class MessageBuilder:
         headers[ENQUEUED_HEADER] = call.enqueued_at
         if call.trace:
             headers[TRACE_HEADER] = call.trace
-        signer = call.task.bridge.signer
         if signer is not None:
             headers[SIGNATURE_HEADER] = signer.sign(
                 call.id,
@@ -395,7 +395,9 @@ class MessageBuilder:
 _builders: dict[str, MessageBuilder] = {}
 
 
-def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
+def build_message(
+    call: TaskCall, default_queue: str, signer: Signer | None = None
+) -> TaskMessage:
     """The message for `call` with a Celery app of default settings (for tests and tools; the
     backend uses its own MessageBuilder, configured like its app)."""
     builder = _builders.get(default_queue)
@@ -405,7 +407,7 @@ def build_message(call: TaskCall, default_queue: str) -> TaskMessage:
         builder = _builders[default_queue] = MessageBuilder(
             Celery("taskbridge", set_as_current=False), default_queue
         )
-    return builder.build(call)
+    return builder.build(call, signer)
 
 
 def redis_queue_key(queue: str, transport_options: Mapping[str, Any], priority: int = 0) -> str:

@@ -74,7 +74,7 @@ class Target:
         call = TaskCall(
             str(uuid.uuid4()), task, ["poison", 1], {}, self.bridge.resolve(task).policy
         )
-        return build_message(call, self.queue)
+        return build_message(call, self.queue, self.bridge.signer)
 
     def metas(self, ids: list[str]) -> dict[str, dict[str, Any] | None]:
         """The Celery result meta of each id (None when there is none)."""
