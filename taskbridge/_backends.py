@@ -12,7 +12,7 @@ import argparse
 import difflib
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -169,14 +169,14 @@ class Backend(ABC):
         self,
         call: TaskCall,
         background: BackgroundTasks,
-        failures: list[BaseException] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> bool:
         """Take a call inside a request at `add_task` time; return False to have it buffered.
 
         Buffered calls reach `enqueue` in one batch after the handler returned and before the
         response is sent. In-process backends override this to use the request's tasks, and
-        append the error of a call that failed for good to `failures` (the request raises the
-        first one once its background tasks have run, as BackgroundTasks would).
+        call `on_failure` with the error of a call that failed for good (the request raises
+        the first one once its background tasks have run, as BackgroundTasks would).
         """
         return False
 

@@ -33,20 +33,15 @@ class TaskQueue:
     own (opened on first dispatch).
     """
 
-    __slots__ = ("_background", "_bridge", "_failures", "_handler_done", "_pending", "_scope")
+    __slots__ = ("_background", "_failure", "_handler_done", "_pending", "_scope", "_watching")
 
-    def __init__(
-        self,
-        bridge: TaskBridge | None,
-        background: BackgroundTasks,
-        scope: MutableMapping[str, Any] | None = None,
-    ) -> None:
-        self._bridge = bridge
+    def __init__(self, background: BackgroundTasks, scope: MutableMapping[str, Any]) -> None:
         self._background = background
         self._scope = scope
         self._pending: list[tuple[Backend, TaskCall]] = []
-        self._failures: list[BaseException] | None = None
+        self._failure: BaseException | None = None
         self._handler_done = False
+        self._watching = False
 
     def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
         """Add a call; return its handle. Non-JSON arguments for a queue raise here."""
@@ -55,30 +50,34 @@ class TaskQueue:
             assert isinstance(owner, TaskBridge), "a task registered on a TaskBridge"
             backend, call = owner.dispatcher.prepare(func, args, kwargs)
             self._defer(backend, call)
-            return call.handle
+            return TaskHandle(call.id, func.name, call.policy.backend, owner)
         self._background.add_task(func, *args, **kwargs)
         name = getattr(func, "__qualname__", None) or type(func).__qualname__
         # plain callables are BackgroundTasks' own: their status is not tracked ("unknown")
+        bridge = getattr(self._scope["app"].state, STATE_KEY, None)
         return TaskHandle(
-            new_task_id(), f"{getattr(func, '__module__', None)}.{name}", None, self._bridge
+            new_task_id(), f"{getattr(func, '__module__', None)}.{name}", None, bridge
         )
 
     def _defer(self, backend: Backend, call: TaskCall) -> None:
-        if backend.runs_in_process and self._failures is None:
-            self._failures = []
-            self._watch_response()
-        if not backend.defer_in_request(call, self._background, self._failures):
+        if not backend.defer_in_request(call, self._background, self._failed):
             if self._handler_done and not self._pending:
-                # added while a streaming response is sent: sent once it ends
-                self._watch_response()
+                self._watch_response()  # added while a streaming response is sent: sent after
             self._pending.append((backend, call))
+
+    def _failed(self, error: BaseException) -> None:
+        # A registered in-process task failed for good (the runner logged it): the first error
+        # is raised once the request's background tasks have all run.
+        if self._failure is None:
+            self._failure = error
+            self._watch_response()
 
     def _watch_response(self) -> None:
         # Once per request: have `_after_response` run when the response and its background
         # tasks are done (FastAPI's request exit stack closes then).
-        stack = self._scope.get("fastapi_inner_astack") if self._scope is not None else None
-        if stack is not None and self._scope is not None:
-            self._scope = None  # registered: never twice
+        stack = self._scope.get("fastapi_inner_astack")
+        if stack is not None and not self._watching:
+            self._watching = True
             stack.push_async_exit(self._after_response)
 
     @property
@@ -87,7 +86,7 @@ class TaskQueue:
         return [call for _, call in self._pending]
 
     async def flush(self) -> None:
-        """Send the buffered calls now (the dependency does this when the handler returns)."""
+        """Send the buffered calls now (done when the handler returns)."""
         if self._pending:
             batch, self._pending = self._pending, []
             owners: dict[int, tuple[TaskBridge, list[tuple[Backend, TaskCall]]]] = {}
@@ -104,9 +103,10 @@ class TaskQueue:
         assert isinstance(owner, TaskBridge)
         self._defer(owner.dispatcher.backend(FALLBACK_ALIAS), call)
 
-    async def _after_handler(self, exc_type: object, exc: object, tb: object) -> bool:
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> bool:
         # Run by FastAPI's per-endpoint exit stack after the handler returned (and its response
         # was built) and before the response is sent; on an exception nothing is dispatched.
+        # (An `__aexit__`, so that `push_async_exit` takes it without a failed lookup.)
         if exc_type is None:
             await self.flush()
         self._handler_done = True
@@ -118,14 +118,13 @@ class TaskQueue:
         # in-process task leaves the app, as a failing BackgroundTasks task would.
         if exc_type is None:
             await self.flush()
-            if self._failures:
-                raise self._failures[0]
+            if self._failure is not None:
+                raise self._failure
         return False
 
 
 async def _request_tasks(request: Request, background: BackgroundTasks) -> TaskQueue:
-    # The app's bridge if one is attached (for handles of plain callables); not required.
-    queue = TaskQueue(getattr(request.app.state, STATE_KEY, None), background, request.scope)
+    queue = TaskQueue(background, request.scope)
     # The endpoint's own exit stack (what `Depends(scope="function")` uses, FastAPI >= 0.121):
     # registering on it directly costs a fraction of a generator dependency on every request.
     stack = request.scope.get("fastapi_function_astack")
@@ -133,7 +132,7 @@ async def _request_tasks(request: Request, background: BackgroundTasks) -> TaskQ
         raise RuntimeError(
             "taskbridge's Tasks needs FastAPI >= 0.121 (the endpoint exit stack is missing)"
         )
-    stack.push_async_exit(queue._after_handler)
+    stack.push_async_exit(queue)
     return queue
 
 

@@ -180,3 +180,16 @@ def test_router_reports_status_and_cancels_with_typed_models() -> None:
         schema = client.get("/openapi.json").json()
     assert {"TaskStatus", "CancelResult"} <= set(schema["components"]["schemas"])
     assert "/tasks/{task_id}" in schema["paths"]
+
+
+def test_new_ids_are_random_uuid4_strings() -> None:
+    import uuid
+
+    from taskbridge._handle import new_task_id
+
+    ids = {new_task_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for task_id in list(ids)[:200]:
+        parsed = uuid.UUID(task_id)
+        assert str(parsed) == task_id
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122

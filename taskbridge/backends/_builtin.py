@@ -5,16 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 from fastapi import BackgroundTasks
 from pydantic import Field
+from starlette.background import BackgroundTask
 
 from .._backends import Backend, BackendOptions
 from .._runner import Outcome, TaskContext, run_with_retries
-from .._status import CancelResult, MemoryStatusStore, TaskErrorInfo, TaskStatus, timestamp
+from .._status import (
+    CancelResult,
+    MemoryStatusStore,
+    StatusRecord,
+    TaskErrorInfo,
+    TaskStatus,
+    timestamp,
+)
 from .._task import TaskCall
 
 __all__ = [
@@ -28,8 +36,13 @@ __all__ = [
 ]
 
 
+_PLAIN = (type(None), str, int, bool)
+
+
 def _json_or_repr(value: Any) -> Any:
     """Results of in-process tasks are kept as JSON when they are JSON, else as their repr."""
+    if type(value) in _PLAIN:
+        return value
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
@@ -44,56 +57,63 @@ def error_info(error: BaseException) -> TaskErrorInfo:
 
 
 class MemoryReporter:
-    """Records attempts of in-process calls in the bridge's MemoryStatusStore."""
+    """Records attempts of in-process calls in the bridge's MemoryStatusStore (each write sets
+    plain attributes of the call's record)."""
 
     def __init__(self, store: MemoryStatusStore) -> None:
         self.store = store
 
-    def queued(self, call: TaskCall) -> None:
-        self.store.update(
-            call.id,
-            task_name=call.name,
-            backend=call.policy.backend,
-            state="queued",
-            enqueued_at=call.enqueued_at,
-        )
+    def queued(self, call: TaskCall) -> StatusRecord:
+        record = self.store.add(call.id)
+        record.task_name = call.task.name
+        record.backend = call.policy.backend
+        record.enqueued_at = call.enqueued_at
+        return record
+
+    def _record(self, context: TaskContext) -> StatusRecord:
+        record = self.store.record(context.id)
+        if record is None:  # dropped from the store (its cap) while waiting: recorded again
+            record = self.store.add(context.id)
+            record.task_name, record.backend = context.name, context.backend
+        return record
 
     def started(self, context: TaskContext) -> None:
-        self.store.update(
-            context.id,
-            task_name=context.name,
-            backend=context.backend,
-            state="running",
-            attempts=context.attempt,
-            started_at=time.time(),
-        )
+        record = self._record(context)
+        record.state = "running"
+        record.attempts = context.attempt
+        record.started_at = time.time()
+        record.touched = time.monotonic()
 
     def progress(self, context: TaskContext, fraction: float, message: str | None) -> None:
-        self.store.update(context.id, progress=fraction, progress_message=message)
+        record = self._record(context)
+        record.progress, record.progress_message = fraction, message
+        record.touched = time.monotonic()
 
     def finished(self, context: TaskContext, outcome: Outcome) -> None:
+        record = self._record(context)
         if outcome.state == "succeeded":
-            self.store.update(
-                context.id,
-                state="succeeded",
-                result=_json_or_repr(outcome.value),
-                error=None,
-                finished_at=time.time(),
-            )
+            record.state = "succeeded"
+            record.result = _json_or_repr(outcome.value)
+            record.error = None
+            record.finished_at = time.time()
         elif outcome.state == "retry":
             assert outcome.error is not None
-            self.store.update(context.id, state="retrying", error=error_info(outcome.error))
+            record.state = "retrying"
+            record.error = error_info(outcome.error)
         else:
             assert outcome.error is not None
-            self.store.update(
-                context.id,
-                state="failed",
-                error=error_info(outcome.error),
-                finished_at=time.time(),
-            )
+            record.state = "failed"
+            record.error = error_info(outcome.error)
+            record.finished_at = time.time()
+        record.touched = time.monotonic()
 
     def cancelled(self, task_id: str) -> None:
         self.store.update(task_id, state="cancelled", finished_at=time.time())
+
+    def state(self, task_id: str) -> str | None:
+        """The recorded state of `task_id` (None when not recorded)."""
+        record = self.store.record(task_id)
+        return None if record is None else record.state
 
 
 class KeyGuard:
@@ -115,31 +135,28 @@ class KeyGuard:
         return True
 
 
-# Calls of `async def` tasks running in this process, so `cancel` can reach them.
-_cancellable: dict[str, asyncio.Task[Any]] = {}
-_cancel_requested: set[str] = set()
-
-
 async def run_in_process(
-    call: TaskCall, reporter: MemoryReporter, failures: list[BaseException] | None = None
+    call: TaskCall,
+    reporter: MemoryReporter,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> None:
     """Run a call here, after its delay, retrying as its policy says; failures are logged,
-    and the error of a call that failed for good is appended to `failures` when given.
+    and `on_failure` is called with the error of a call that failed for good.
 
-    A call cancelled before it starts does not run; a running `async def` call is cancelled.
+    A call cancelled before it starts does not run; a running `async def` call (or one waiting
+    for its delay) is cancelled through the asyncio task its record names.
     """
-    known = reporter.store.get(call.id)
-    if known is not None and known.state == "cancelled":
-        return
-    current = asyncio.current_task()
-    assert current is not None
-    if call.task.is_async or call.policy.delay:
-        _cancellable[call.id] = current
+    record = reporter.store.record(call.id)
+    if record is not None:
+        if record.state == "cancelled":
+            return
+        if call.task.is_async or call.policy.delay:
+            record.runner = asyncio.current_task()
     try:
         if call.policy.delay:
             await asyncio.sleep(call.policy.delay)
-            if not call.task.is_async:
-                _cancellable.pop(call.id, None)
+            if record is not None and not call.task.is_async:
+                record.runner = None  # a def task cannot be interrupted once it runs
         outcome = await run_with_retries(
             call.task,
             call.args,
@@ -149,16 +166,37 @@ async def run_in_process(
             reporter=reporter,
             trace=call.trace,
         )
-        if failures is not None and outcome.error is not None:
-            failures.append(outcome.error)
+        if on_failure is not None and outcome.error is not None:
+            on_failure(outcome.error)
     except asyncio.CancelledError:
-        if call.id not in _cancel_requested:
+        if record is None or not record.cancel_requested:
             raise
+        current = asyncio.current_task()
+        assert current is not None
         current.uncancel()
         reporter.cancelled(call.id)
     finally:
-        _cancellable.pop(call.id, None)
-        _cancel_requested.discard(call.id)
+        if record is not None:
+            record.runner = None
+
+
+class _InRequest(BackgroundTask):
+    """A request's background task that runs one in-process call: what
+    `BackgroundTasks.add_task(run_in_process, ...)` would add, built without inspecting
+    `run_in_process` again for every call."""
+
+    def __init__(
+        self,
+        call: TaskCall,
+        reporter: MemoryReporter,
+        on_failure: Callable[[BaseException], None] | None,
+    ) -> None:
+        self._run = (call, reporter, on_failure)
+        # BackgroundTask's own attributes, for code that looks at a request's tasks
+        vars(self).update(func=run_in_process, args=self._run, kwargs={}, is_async=True)
+
+    async def __call__(self) -> None:
+        await run_in_process(*self._run)
 
 
 _spawned: set[asyncio.Task[None]] = set()
@@ -213,14 +251,15 @@ class _StoreBackend(Backend):
             return CancelResult(
                 id=task_id, cancelled=False, state=known.state, detail=f"already {known.state}"
             )
-        if known.state == "queued" and task_id not in _cancellable:
+        record = self.reporter.store.record(task_id)
+        running = None if record is None else record.runner
+        if known.state == "queued" and running is None:
             self.reporter.cancelled(task_id)
             return CancelResult(
                 id=task_id, cancelled=True, state="cancelled", detail="cancelled before it started"
             )
-        running = _cancellable.get(task_id)
-        if running is not None:
-            _cancel_requested.add(task_id)
+        if running is not None and record is not None:
+            record.cancel_requested = True
             running.cancel()
             return CancelResult(
                 id=task_id, cancelled=True, state="cancelled", detail="cancelled while running"
@@ -254,11 +293,11 @@ class InProcessBackend(_StoreBackend):
         self,
         call: TaskCall,
         background: BackgroundTasks,
-        failures: list[BaseException] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> bool:
         if self.keys.admit(call):
             self.reporter.queued(call)
-            background.add_task(run_in_process, call, self.reporter, failures)
+            background.tasks.append(_InRequest(call, self.reporter, on_failure))
         return True
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
