@@ -3,6 +3,7 @@ dispatcher), answers status and cancellation, and fits into the app's lifespan."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -14,8 +15,10 @@ from ._backends import Backend
 from ._dispatch import Dispatcher
 from ._exceptions import BridgeNotFoundError
 from ._handle import TaskHandle
+from ._periodic import Periodic, run_until
 from ._policy import OnUnavailable, ResolvedPolicy
-from ._registry import Registry
+from ._registry import Registry, default_name
+from ._schedule import MissedPolicy, Schedule
 from ._settings import TaskBridgeSettings
 from ._signing import Signer
 from ._status import CancelResult, TaskStatus
@@ -43,6 +46,9 @@ class TaskBridge(HookRegistry):
         """Tasks, routes and policy resolution."""
         self.dispatcher = Dispatcher(self.registry)
         """Backends, and the sending of calls to them."""
+        self.periodic = Periodic(self.registry, lambda: self.dispatcher)
+        """Schedules and on-startup calls."""
+        self.dispatcher.checks.append(self.periodic.problems)
         self.hooks = Hooks()
 
     # -- settings and routing -------------------------------------------------------------
@@ -63,6 +69,7 @@ class TaskBridge(HookRegistry):
         base = registry.settings.model_dump(exclude_unset=True)
         source = registry.settings_source
         self.dispatcher = Dispatcher(registry)
+        self.dispatcher.checks = dispatcher.checks
         registry.reset({**base, **values})
         try:
             registry.settings  # noqa: B018 - validates the override now, in the caller
@@ -105,6 +112,8 @@ class TaskBridge(HookRegistry):
         retry_jitter: bool | None = None,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
         delay: float | None = None,
+        schedule: str | float | None = None,
+        on_startup: bool = False,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -122,12 +131,17 @@ class TaskBridge(HookRegistry):
         retry_jitter: bool | None = None,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
         delay: float | None = None,
+        schedule: str | float | None = None,
+        on_startup: bool = False,
     ) -> Any:
         """Register a function as a task: `@bridge.task` or `@bridge.task(backend=..., ...)`.
 
         Policy fields: backend, queue, retries, retry_backoff, retry_backoff_max, retry_jitter,
         retry_on, timeout, delay, on_unavailable. The name defaults to `module.qualname`.
         Decorating the same definition again (inside an endpoint, say) replaces it quietly.
+        `schedule` calls it periodically (a cron expression, 5 fields or 6 with seconds, or
+        every N seconds; see `schedule()`); `on_startup=True` calls it once per deployment
+        start.
         """
         fields = {
             "backend": backend,
@@ -143,9 +157,50 @@ class TaskBridge(HookRegistry):
         }
 
         def register(f: Callable[..., Any]) -> Task[..., Any]:
-            return self.registry.register(self, f, name, fields)
+            known = self.registry.tasks.get(name or default_name(f))
+            registered = self.registry.register(self, f, name, fields)
+            if known is None:  # decorating the same definition again declares nothing twice
+                if schedule is not None:
+                    self.schedule(registered, schedule)
+                if on_startup:
+                    self.on_startup(registered)
+            return registered
 
         return register if func is None else register(func)
+
+    def schedule(
+        self,
+        task: Task[..., Any],
+        when: str | float,
+        /,
+        *args: Any,
+        name: str | None = None,
+        timezone: str = "UTC",
+        missed: MissedPolicy = "once",
+        **kwargs: Any,
+    ) -> Schedule:
+        """Call `task(*args, **kwargs)` on a schedule: a cron expression (5 fields, or 6 with
+        seconds first) read in `timezone`, or every `when` seconds (aligned to the epoch).
+
+        The schedule's `name` defaults to the task's. `missed` says what to do with slots that
+        passed while no scheduler ran: "once" runs the latest of them, "skip" drops them.
+        Queued tasks' schedules run in `taskbridge scheduler` (any number of them, with
+        `scheduler_url`: each slot once); in-process tasks' run in the API processes.
+        """
+        return self.periodic.add(
+            task, when, args, kwargs, name=name, timezone=timezone, missed=missed
+        )
+
+    def on_startup(self, task: Task[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        """Call `task(*args, **kwargs)` once per deployment start, from the lifespan of the
+        API process that claims it first (see `deployment_id`, `startup_window`)."""
+        self.periodic.add_startup(task, args, kwargs)
+
+    @property
+    def schedules(self) -> list[Schedule]:
+        """Every schedule (declared in code, changed or added by settings), disabled ones
+        included."""
+        return self.periodic.schedules()
 
     @property
     def tasks(self) -> Mapping[str, Task[..., Any]]:
@@ -279,9 +334,19 @@ class TaskBridge(HookRegistry):
         close at shutdown. Compose it inside your own lifespan with `async with`."""
         self.attach(app)
         await self.open()
+        stop = asyncio.Event()
+        running: asyncio.Task[None] | None = None
         try:
+            here, _ = self.periodic.split()
+            if here:  # in-process tasks' schedules run in the API processes
+                scheduler = self.periodic.scheduler(here, in_process=True)
+                running = asyncio.get_running_loop().create_task(run_until(scheduler, stop))
+            await self.periodic.run_startup()
             yield
         finally:
+            stop.set()
+            if running is not None:
+                await running
             await self.close()
 
     def attach(self, app: FastAPI) -> None:

@@ -40,6 +40,8 @@ class Dispatcher:
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.checks: list[Callable[[], list[ConfigurationError]]] = []
+        """More start-up checks (the bridge's schedules), reported with the dispatcher's."""
 
     def reset(self) -> None:
         """Forget the backends built so far (after a change of settings)."""
@@ -120,6 +122,8 @@ class Dispatcher:
                 problem = importable_problem(task, alias)
                 if problem is not None:
                     problems.append(ConfigurationError(problem))
+        for check in self.checks:
+            problems += check()
         registered = ", ".join(sorted(registry.tasks)) or "none"
         for pattern in registry.unmatched_routes():
             problems.append(

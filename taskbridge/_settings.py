@@ -60,6 +60,20 @@ class TaskBridgeSettings(BaseSettings):
     """Secret for HMAC-signing queued messages; workers then reject unsigned or altered ones."""
     unavailable_retry_after: int = Field(default=5, ge=0)
     """Retry-After (seconds) of the 503 answered when a broker did not accept a request's calls."""
+    schedules: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Schedule name -> {task, cron | every, args, kwargs, enabled, timezone, missed}: adds
+    schedules, or changes or disables (`{"enabled": false}`) those declared in code."""
+    scheduler_url: str | None = None
+    """Redis URL where schedulers elect a leader and claim slots, so that any number of them
+    (and of API processes running in-process schedules) run each slot once."""
+    scheduler_lease: float = Field(default=5.0, gt=0)
+    """Seconds a scheduler's leadership lasts unless renewed: a standby takes over within it."""
+    deployment_id: str | None = None
+    """Identifies a deployment (a release, an image tag): on-startup calls run once per id.
+    Unset, API processes starting within `startup_window` seconds of each other count as one
+    start."""
+    startup_window: float = Field(default=60.0, gt=0)
+    """Seconds within which API processes starting together share one on-startup call."""
 
     @classmethod
     def settings_customise_sources(

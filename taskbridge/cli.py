@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from ._bridge import TaskBridge
+from ._dispatch import Dispatcher
 from ._exceptions import ConfigurationError, TaskBridgeError
+from ._periodic import Periodic
 from ._policy import POLICY_FIELDS, Policy
 
 __all__ = ["check_bridge", "describe_tasks", "load_bridge", "main"]
@@ -77,6 +83,17 @@ def describe_tasks(bridge: TaskBridge) -> str:
             ):
                 shown = ", ".join(t.__name__ for t in value) if field == "retry_on" else str(value)
                 lines.append(f"  {field:<18} {shown:<24} ({source})")
+    schedules = bridge.schedules
+    if schedules:
+        now = datetime.now(UTC)
+        lines += ["", "schedules:"]
+        for schedule in schedules:
+            when = f"next {schedule.next_slot(now).isoformat()}" if schedule.enabled else "disabled"
+            where = f" ({schedule.source})" if schedule.source else ""
+            lines.append(f"  {schedule.name}: {schedule.describe()}; {when}{where}")
+    startup = sorted(bridge.periodic.startup)
+    if startup:
+        lines += ["", f"on start-up: {', '.join(startup)}"]
     return "\n".join(lines) if lines else "no tasks registered"
 
 
@@ -135,12 +152,22 @@ def _worker(arguments: argparse.Namespace, rest: list[str]) -> int:
         help="a file that exists exactly while the worker is connected to its broker (for "
         "container health checks: test -f PATH)",
     )
+    parser.add_argument(
+        "--scheduler",
+        action="store_true",
+        help="also run a scheduler for the queued tasks' schedules in this process (any number "
+        "may run with scheduler_url set: each slot is dispatched once)",
+    )
     if not wants_help:
         bridge = load_bridge(target)
         bridge.validate()
         backend = bridge.backend(alias)
         backend.add_worker_arguments(parser)
-        return backend.run_worker(bridge, parser.parse_args(rest))
+        parsed = parser.parse_args(rest)
+        if not parsed.scheduler:
+            return backend.run_worker(bridge, parsed)
+        with scheduler_thread(bridge):
+            return backend.run_worker(bridge, parsed)
     # --help needs neither the app nor broker settings; both only help find the alias's engine
     options: dict[str, Any] = {}
     try:
@@ -171,6 +198,70 @@ def _worker(arguments: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+async def run_scheduler(bridge: TaskBridge, stop: asyncio.Event) -> None:
+    """Run the schedules of the bridge's queued tasks until `stop` is set.
+
+    It sends through backends of its own (a dispatcher on the bridge's registry), so that it
+    can run on a thread next to a worker that uses the bridge's.
+    """
+    dispatcher = Dispatcher(bridge.registry)
+    periodic = Periodic(bridge.registry, lambda: dispatcher)
+    periodic.declared, periodic.startup = bridge.periodic.declared, bridge.periodic.startup
+    await dispatcher.open()
+    try:
+        _, queued = periodic.split()
+        if not queued:
+            logging.getLogger("taskbridge.scheduler").warning(
+                "no enabled schedule of a queued task: nothing to do (in-process tasks' "
+                "schedules run in the API processes)"
+            )
+        await periodic.scheduler(queued).run(stop)
+    finally:
+        await dispatcher.close()
+
+
+def _scheduler(arguments: argparse.Namespace) -> int:
+    bridge = load_bridge(arguments.bridge)
+    bridge.validate()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_scheduler(bridge, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+@contextlib.contextmanager
+def scheduler_thread(bridge: TaskBridge) -> Iterator[None]:
+    """Run the bridge's scheduler in a thread of its own (its own event loop) inside the block:
+    next to a worker, whose engine owns the main thread."""
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(run_scheduler(bridge, stop))
+        except Exception:
+            logging.getLogger("taskbridge.scheduler").exception("the scheduler stopped")
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=main, name="taskbridge-scheduler", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop just closed
+                loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `taskbridge` command."""
     parser = argparse.ArgumentParser(prog="taskbridge", description=__doc__)
@@ -183,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate settings, connect to every broker, show routing; exit 1 if one is down",
     )
     check.add_argument("bridge", help="module:attribute of the TaskBridge (or the FastAPI app)")
+    scheduler = commands.add_parser(
+        "scheduler",
+        help="run the schedules of the queued tasks (any number of schedulers may run: with "
+        "scheduler_url set, one leads and each slot is dispatched once)",
+    )
+    scheduler.add_argument("bridge", help="module:attribute of the TaskBridge (or the FastAPI app)")
     dev = commands.add_parser(
         "dev",
         help="run the API (uvicorn --reload) and a worker per queue backend; Ctrl-C stops all",
@@ -221,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if arguments.command == "check":
             return _check(arguments)
+        if arguments.command == "scheduler":
+            return _scheduler(arguments)
         if arguments.command == "dev":
             from ._dev import run_dev
 
