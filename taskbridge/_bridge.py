@@ -65,17 +65,13 @@ class TaskBridge(HookRegistry):
         For tests: `with bridge.override(routes={"*": "immediate"}):`. Backends built for the
         overridden settings are dropped at the end; close them first if they were opened.
         """
-        registry, dispatcher = self.registry, self.dispatcher
-        base = registry.settings.model_dump(exclude_unset=True)
-        source = registry.settings_source
-        self.dispatcher = Dispatcher(registry)
+        dispatcher = self.dispatcher
+        self.dispatcher = Dispatcher(self.registry)
         self.dispatcher.checks = dispatcher.checks
-        registry.reset({**base, **values})
         try:
-            registry.settings  # noqa: B018 - validates the override now, in the caller
-            yield
+            with self.registry.overridden(values):
+                yield
         finally:
-            registry.reset(source)
             self.dispatcher = dispatcher
 
     def route_for(self, task_name: str) -> tuple[str, dict[str, Any]] | None:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import ConfigurationError, MessageError, UnknownTaskError
+from ._exceptions import ConfigurationError, MessageError
 from ._policy import EXECUTION_FIELDS, Policy, with_execution_fields
 
 if TYPE_CHECKING:
-    from ._bridge import TaskBridge
+    from ._backends import WorkerBridge
     from ._signing import Signer
     from ._task import Task
 
@@ -34,6 +35,12 @@ __all__ = ["Envelope", "ReadyCall", "Receiver"]
 
 _MAX_CACHED_POLICIES = 256
 """Distinct (task, carried policy) pairs remembered (callers rarely use more than a few)."""
+_MAX_CACHED_SHAPES = 1024
+"""Distinct (task, number of args, keyword names) shapes whose binding is remembered."""
+
+_EXECUTION = frozenset(EXECUTION_FIELDS)
+_all_execution_fields = itemgetter(*EXECUTION_FIELDS)
+"""The carried execution fields as a tuple; KeyError when one is left out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +84,7 @@ class Receiver:
 
     def __init__(
         self,
-        bridge: TaskBridge,
+        bridge: WorkerBridge,
         alias: str,
         *,
         carried_defaults: Mapping[str, Any] | None = None,
@@ -91,7 +98,8 @@ class Receiver:
         self.signer: Signer | None = bridge.signer
         self._defaults = dict(carried_defaults or {})
         self._adjust = adjust_policy
-        self._policies: dict[Hashable, Policy] = {}
+        self._policies: dict[Hashable, tuple[Task[..., Any], Policy]] = {}
+        self._shapes: dict[tuple[str, int, tuple[str, ...]], tuple[Task[..., Any], str | None]] = {}
 
     def receive(self, envelope: Envelope) -> ReadyCall:
         """Check `envelope` (see the module's docstring); a ReadyCall or MessageError."""
@@ -100,9 +108,7 @@ class Receiver:
             raise MessageError(f"a message for a task {name!r} [{task_id!r}] has no task name")
         if not isinstance(task_id, str) or not task_id:
             raise MessageError(f"a message for task {name!r} has no id (got {task_id!r})")
-        task = self.bridge.tasks.get(name)
-        if task is None:
-            raise UnknownTaskError(name)
+        task = self.bridge.get_task(name)  # UnknownTaskError for a task not registered here
         args, kwargs = envelope.args, envelope.kwargs
         if not isinstance(args, list | tuple):
             raise self._error(name, task_id, f"its args are a {type(args).__name__}, not a list")
@@ -118,39 +124,75 @@ class Receiver:
                 policy=envelope.policy,
                 engine=envelope.engine,
             )
-        try:
-            task.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise self._error(name, task_id, f"its arguments do not fit the task: {exc}") from None
+        problem = self.binding_problem(task, len(args), tuple(kwargs))
+        if problem is not None:
+            raise self._error(name, task_id, f"its arguments do not fit the task: {problem}")
         policy = self.policy(task, envelope.policy, task_id)
         trace = envelope.trace if isinstance(envelope.trace, dict) else None
         return ReadyCall(task_id, task, tuple(args), kwargs, policy, trace)
+
+    def binding_problem(
+        self, task: Task[..., Any], positional: int, names: tuple[str, ...]
+    ) -> str | None:
+        """Why `positional` arguments and keyword arguments `names` do not bind to `task`'s
+        signature (`inspect.Signature.bind`'s message), or None when they do.
+
+        Cached per task and shape: binding depends on how many arguments there are and on the
+        keyword names, never on the values.
+        """
+        key = (task.name, positional, names)
+        try:
+            found = self._shapes[key]
+        except KeyError:
+            pass
+        else:
+            if found[0] is task:
+                return found[1]
+        try:
+            task.signature.bind(*range(positional), **dict.fromkeys(names))
+        except TypeError as exc:
+            problem: str | None = str(exc)
+        else:
+            problem = None
+        if len(self._shapes) < _MAX_CACHED_SHAPES:
+            self._shapes[key] = (task, problem)
+        return problem
 
     def policy(self, task: Task[..., Any], carried: object, task_id: str = "?") -> Policy:
         """The execution policy of a call of `task`: the worker's resolution of the task (which
         gives `retry_on`: exception classes cannot travel) with the carried fields applied.
 
-        Cached per (task, carried fields): validating costs more than a short task's run.
+        Cached per (task, carried execution fields, with their types): validating costs more
+        than a short task's run. Other carried keys are ignored, as validation ignores them.
         """
+        key: Hashable
+        if carried is None:
+            key = (task.name, None)
+        elif type(carried) is dict:
+            try:
+                values = _all_execution_fields(carried)
+                key = (task.name, values, tuple(map(type, values)))
+            except KeyError:  # some fields left out (sent only when not the default)
+                key = (
+                    task.name,
+                    tuple([(k, type(v), v) for k, v in carried.items() if k in _EXECUTION]),
+                )
+        else:  # not a plain map: validate, which says why (or takes a Mapping as it is)
+            return self._build_policy(task, carried, task_id)
         try:
-            key: Hashable = (
-                task.name,
-                None
-                if carried is None
-                else frozenset(
-                    (k, v)
-                    for k, v in carried.items()  # type: ignore[attr-defined]
-                    if k in EXECUTION_FIELDS
-                ),
-            )
-            return self._policies[key]
-        except (AttributeError, TypeError):  # not a map of scalars: validate, which says why
+            found = self._policies[key]
+        except TypeError:  # a value that is a list or a map: not a valid field anyway
             return self._build_policy(task, carried, task_id)
         except KeyError:
             policy = self._build_policy(task, carried, task_id)
             if len(self._policies) < _MAX_CACHED_POLICIES:
-                self._policies[key] = policy
+                self._policies[key] = (task, policy)
             return policy
+        if found[0] is not task:  # another task registered under that name since
+            policy = self._build_policy(task, carried, task_id)
+            self._policies[key] = (task, policy)
+            return policy
+        return found[1]
 
     def _build_policy(self, task: Task[..., Any], carried: object, task_id: str) -> Policy:
         policy = self.bridge.resolve(task).policy

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ._codec import bind_arguments
@@ -22,15 +22,11 @@ from ._schedule import (
     parse_schedules_setting,
 )
 from ._task import Task, TaskCall
+from ._tracing import SCHEDULE_KEY, SLOT_KEY
 
-__all__ = ["SCHEDULE_KEY", "SLOT_KEY", "Periodic", "StartupCall", "mark", "run_until", "scheduled"]
+__all__ = ["Periodic", "StartupCall", "mark", "run_until"]
 
 logger = logging.getLogger("taskbridge.scheduler")
-
-SCHEDULE_KEY = "taskbridge-schedule"
-"""Key of a scheduled call's context (next to its trace headers): the schedule's name."""
-SLOT_KEY = "taskbridge-scheduled-at"
-"""Key of a scheduled call's context: the slot's time, ISO 8601 with its offset."""
 
 INPROCESS_PREFIX = "taskbridge:inprocess:"
 """Redis prefix of the API processes' own scheduler (in-process schedules), apart from
@@ -208,17 +204,6 @@ def mark(call: TaskCall, schedule: str, slot: datetime) -> None:
     """Carry the schedule and slot with `call` (next to its trace headers) for
     `current_task()`."""
     call.trace = {**(call.trace or {}), SCHEDULE_KEY: schedule, SLOT_KEY: slot.isoformat()}
-
-
-def scheduled(carrier: Mapping[str, Any] | None) -> tuple[str | None, datetime | None]:
-    """The (schedule name, slot time) a call carries, or (None, None)."""
-    if not carrier or SCHEDULE_KEY not in carrier:
-        return None, None
-    try:
-        slot = datetime.fromisoformat(str(carrier[SLOT_KEY]))
-    except (KeyError, ValueError):
-        return str(carrier[SCHEDULE_KEY]), None
-    return str(carrier[SCHEDULE_KEY]), slot if slot.tzinfo else slot.replace(tzinfo=UTC)
 
 
 async def run_until(scheduler: Scheduler, stop: asyncio.Event) -> None:

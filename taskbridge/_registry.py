@@ -7,7 +7,8 @@ tables (`tests/test_routing.py`).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from ._exceptions import ConfigurationError, UnknownTaskError
@@ -92,6 +93,20 @@ class Registry:
         """Use other settings from now on (read again on next access)."""
         self.settings_source, self._settings, self._routes = settings, None, []
         self._resolved.clear()
+
+    @contextmanager
+    def overridden(self, values: Mapping[str, Any]) -> Iterator[None]:
+        """Use these settings over the current ones inside the block; then the settings as they
+        were (the same loaded object: not read again from the environment)."""
+        saved = (self.settings_source, self._settings, self._routes)
+        base = self.settings.model_dump(exclude_unset=True)
+        self.reset({**base, **values})
+        try:
+            self.settings  # noqa: B018 - validates the override now, in the caller
+            yield
+        finally:
+            self.settings_source, self._settings, self._routes = saved
+            self._resolved.clear()
 
     @property
     def routes(self) -> list[tuple[str, dict[str, Any]]]:

@@ -9,6 +9,7 @@ own retry and result features.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -17,6 +18,7 @@ import time
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import anyio.to_thread
@@ -24,7 +26,7 @@ import anyio.to_thread
 from ._handle import TaskHandle
 from ._policy import Policy
 from ._task import Task
-from ._tracing import span
+from ._tracing import SCHEDULE_KEY, scheduled, span
 
 __all__ = [
     "Outcome",
@@ -52,6 +54,19 @@ class TaskContext:
     attempt: int
     """1 for the first attempt, 2 for the first retry, and so on."""
     backend: str
+    schedule: str | None = None
+    """The name of the schedule that made this call, if a scheduler did."""
+    scheduled_at: datetime | None = None
+    """The time of the schedule's slot this call is for (timezone-aware)."""
+
+
+def _context(
+    call_id: str, name: str, attempt: int, backend: str, carried: Mapping[str, Any] | None
+) -> TaskContext:
+    if carried and SCHEDULE_KEY in carried:
+        schedule, slot = scheduled(carried)
+        return TaskContext(call_id, name, attempt, backend, schedule, slot)
+    return TaskContext(call_id, name, attempt, backend)
 
 
 _current: ContextVar[TaskContext | None] = ContextVar("taskbridge_current_task", default=None)
@@ -122,17 +137,15 @@ def _outcome(
 ) -> Outcome:
     """Classify an attempt and log it with structured fields (task, id, backend, attempt)."""
     duration = time.perf_counter() - started
-    extra = {
-        "task_name": context.name,
-        "task_id": context.id,
-        "backend": context.backend,
-        "attempt": context.attempt,
-        "duration": duration,
-    }
     if error is None:
-        logger.debug(
-            "task %s [%s] succeeded in %.3fs", context.name, context.id, duration, extra=extra
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # the fields are built only for a record
+            logger.debug(
+                "task %s [%s] succeeded in %.3fs",
+                context.name,
+                context.id,
+                duration,
+                extra=_fields(context, duration),
+            )
         return Outcome("succeeded", value=value, attempt=context.attempt, duration=duration)
     if policy.should_retry(error, context.attempt):
         delay = policy.retry_delay(context.attempt)
@@ -144,7 +157,7 @@ def _outcome(
             type(error).__name__,
             error,
             delay,
-            extra=extra,
+            extra=_fields(context, duration),
         )
         return Outcome(
             "retry", error=error, retry_in=delay, attempt=context.attempt, duration=duration
@@ -156,9 +169,20 @@ def _outcome(
         context.attempt,
         context.backend,
         exc_info=error,
-        extra=extra,
+        extra=_fields(context, duration),
     )
     return Outcome("failed", error=error, attempt=context.attempt, duration=duration)
+
+
+def _fields(context: TaskContext, duration: float) -> dict[str, Any]:
+    """The structured fields of an attempt's log record."""
+    return {
+        "task_name": context.name,
+        "task_id": context.id,
+        "backend": context.backend,
+        "attempt": context.attempt,
+        "duration": duration,
+    }
 
 
 def _hook_calls(task: Task[..., Any], context: TaskContext, outcome: Outcome) -> list[Any]:
@@ -215,7 +239,7 @@ async def run(
     A `def` task runs in a worker thread; at its timeout the call is abandoned (a thread cannot
     be killed) and counts as failed with TimeoutError.
     """
-    context = TaskContext(call_id, task.name, attempt, policy.backend)
+    context = _context(call_id, task.name, attempt, policy.backend, trace)
     token = _current.set(context)
     reporter_token = _reporter.set(reporter)
     if reporter is not None:
@@ -305,6 +329,9 @@ class _ThreadLoop:
 
 _thread_state = threading.local()
 
+_NO_SPAN = contextlib.nullcontext()
+"""What `run_blocking` enters instead of `span` for a call that carries no trace context."""
+
 
 def _thread_loop() -> asyncio.AbstractEventLoop:
     """This thread's persistent event loop, so loop-bound clients survive between tasks."""
@@ -339,13 +366,15 @@ def run_blocking(
     limits on prefork). An `async def` task runs on this thread's persistent event loop, and at
     its timeout it is cancelled and drained before this returns.
     """
-    context = TaskContext(call_id, task.name, attempt, policy.backend)
+    context = _context(call_id, task.name, attempt, policy.backend, trace)
     token = _current.set(context)
     reporter_token = _reporter.set(reporter)
-    _report(reporter, "started", context)
+    if reporter is not None:
+        _report(reporter, "started", context)
     started = time.perf_counter()
     try:
-        with span(task.name, call_id, attempt, trace):
+        # (no carried trace context: no span, and no context manager to build for it)
+        with span(task.name, call_id, attempt, trace) if trace else _NO_SPAN:
             if task.is_async:
                 coro: Coroutine[Any, Any, Any] = _with_timeout(
                     task.func(*args, **kwargs), policy.timeout
@@ -360,7 +389,8 @@ def run_blocking(
     finally:
         _current.reset(token)
         _reporter.reset(reporter_token)
-    _report(reporter, "finished", context, outcome)
+    if reporter is not None:
+        _report(reporter, "finished", context, outcome)
     if task.hooks or task.bridge.hooks:
         for pending in _hook_calls(task, context, outcome):
             _thread_loop().run_until_complete(pending)

@@ -1,13 +1,33 @@
-"""OpenTelemetry, when installed: the dispatching request's trace context travels with each call,
-and the runner executes the call in a span that joins that trace, in whatever process runs it."""
+"""What travels with a call besides its arguments (`TaskCall.trace`, carried by every backend):
+OpenTelemetry's trace context, when installed, so that the runner executes the call in a span
+that joins the dispatching request's trace in whatever process runs it; and, for a scheduled
+call, its schedule and slot (for `current_task()`)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["capture", "span"]
+__all__ = ["SCHEDULE_KEY", "SLOT_KEY", "capture", "scheduled", "span"]
+
+SCHEDULE_KEY = "taskbridge-schedule"
+"""Key of a scheduled call's context: the schedule's name."""
+SLOT_KEY = "taskbridge-scheduled-at"
+"""Key of a scheduled call's context: the slot's time, ISO 8601 with its offset."""
+
+
+def scheduled(carrier: Mapping[str, Any] | None) -> tuple[str | None, datetime | None]:
+    """The (schedule name, slot time) a call carries, or (None, None)."""
+    if not carrier or SCHEDULE_KEY not in carrier:
+        return None, None
+    try:
+        slot = datetime.fromisoformat(str(carrier[SLOT_KEY]))
+    except (KeyError, ValueError):
+        return str(carrier[SCHEDULE_KEY]), None
+    return str(carrier[SCHEDULE_KEY]), slot if slot.tzinfo else slot.replace(tzinfo=UTC)
+
 
 try:
     from opentelemetry import propagate, trace

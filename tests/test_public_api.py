@@ -38,6 +38,7 @@ BACKEND_API = [
     "CancelResult",
     "ConnectionState",
     "Envelope",
+    "GroupCommit",
     "Outcome",
     "Policy",
     "ReadyCall",

@@ -17,6 +17,7 @@ from .._backends import (
     load_backend_class,
     redact_url,
 )
+from .._batching import GroupCommit
 from .._codec import decode_json, encode_json, normalize_arguments
 from .._deadline import dispatch_deadline
 from .._health import ConnectionState
@@ -41,6 +42,7 @@ __all__ = [
     "CancelResult",
     "ConnectionState",
     "Envelope",
+    "GroupCommit",
     "Outcome",
     "Policy",
     "ReadyCall",

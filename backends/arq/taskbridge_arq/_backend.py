@@ -27,6 +27,7 @@ from taskbridge.backends import (
     Backend,
     CancelResult,
     ConnectionState,
+    GroupCommit,
     Policy,
     TaskCall,
     TaskStatus,
@@ -40,8 +41,10 @@ from ._dispatch import (
     QUEUE_FIELD,
     SYNC_FIELD,
     WAKE_CHANNEL_PREFIX,
-    GroupCommit,
+    Batch,
+    Skipped,
     batch_arguments,
+    group_commit,
 )
 from ._jobs import UNLIMITED_TRIES
 from ._options import ArqOptions, sentinel_address
@@ -52,7 +55,7 @@ from ._wakeups import WakeUps
 from ._worker import LINK_ERRORS, TaskbridgeWorker, job_functions
 
 if TYPE_CHECKING:
-    from taskbridge import TaskBridge
+    pass
 
 __all__ = ["ArqBackend"]
 
@@ -81,7 +84,7 @@ class ArqBackend(Backend):
         self._redis: ArqRedis | None = None
         self._script: AsyncScript | None = None
         self._cancel_script: AsyncScript | None = None
-        self._group: GroupCommit | None = None
+        self._group: GroupCommit[Batch, Skipped] | None = None
         self._sentinels: list[Sentinel] = []
 
     @classmethod
@@ -170,7 +173,7 @@ class ArqBackend(Backend):
         )
         self._script = self._redis.register_script(ENQUEUE_SCRIPT)
         self._cancel_script = self._redis.register_script(CANCEL_SCRIPT)
-        self._group = GroupCommit(self._run_script)
+        self._group = group_commit(self._run_script)
         try:
             await self._redis.script_load(ENQUEUE_SCRIPT)
         except (RedisError, OSError) as exc:
@@ -191,7 +194,7 @@ class ArqBackend(Backend):
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
         """Enqueue `calls` in one round trip (shared with concurrent dispatches, see
-        GroupCommit), signed when the bridge has a `signing_key`.
+        group commit), signed when the bridge has a `signing_key`.
 
         A call with an idempotency key dispatched again within its key_ttl is skipped (the
         caller has the first call's handle); any other call whose job id exists already is
@@ -211,7 +214,7 @@ class ArqBackend(Backend):
             deadline_ms=0 if deadline is None else int(deadline * 1000),
         )
         try:
-            skipped = await self._group.submit(keys, argv)
+            skipped = await self._group.submit((keys, argv))
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc, f" for {len(calls)} call(s)") from exc
         if not skipped:
@@ -453,7 +456,7 @@ class ArqBackend(Backend):
 
     def create_worker(
         self,
-        bridge: TaskBridge,
+        bridge: WorkerBridge,
         redis: ArqRedis,
         *,
         queue: str | None = None,

@@ -12,15 +12,20 @@ at once (see `_wakeups`).
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from arq.constants import job_key_prefix, result_key_prefix
 
 from taskbridge import TaskArgumentError
-from taskbridge.backends import Policy, Signer, TaskCall, encode_json, execution_fields
+from taskbridge.backends import (
+    GroupCommit,
+    Policy,
+    Signer,
+    TaskCall,
+    encode_json,
+    execution_fields,
+)
 
 __all__ = [
     "DEDUP_KEY_PREFIX",
@@ -35,8 +40,8 @@ __all__ = [
     "SYNC_FIELD",
     "TRACE_FIELD",
     "WAKE_CHANNEL_PREFIX",
-    "GroupCommit",
     "batch_arguments",
+    "group_commit",
     "job_payload",
 ]
 
@@ -181,7 +186,7 @@ def batch_arguments(
     deadline_ms: int = 0,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and per-job ARGV of ENQUEUE_SCRIPT for `calls` (the job id is the call's id);
-    ARGV[1], the wake channel prefix, is added by GroupCommit. `deadline_ms`: when the
+    ARGV[1], the wake channel prefix, is added by `group_commit`. `deadline_ms`: when the
     request gives up (epoch ms; 0: never), after which Redis refuses the jobs."""
     keys: list[str] = []
     argv: list[Any] = []
@@ -205,95 +210,24 @@ def batch_arguments(
     return keys, argv
 
 
-Send = Callable[[list[str], list[Any]], Awaitable[list[bytes]]]
+Script = Callable[[list[str], list[Any]], Awaitable[list[bytes]]]
+Batch = tuple[list[str], list[Any]]
+"""One dispatch's KEYS and ARGV for ENQUEUE_SCRIPT (see `batch_arguments`)."""
 Skipped = dict[str, str]
 """Ids of the jobs a script call skipped, with the reason: 'late', 'duplicate' or 'exists'."""
-_Waiting = tuple[list[str], list[Any], "asyncio.Future[Skipped]"]
-_Entry = tuple[list[str], list[Any], "asyncio.Future[Skipped] | None"]
 
 
-class GroupCommit:
-    """Sends concurrent dispatches together: while one script call is in flight, the batches
-    that arrive meanwhile wait, then go in one call. A dispatch that finds nothing in flight
-    sends at once, itself (no task hop). Under load this saves the API process a send and a
-    receive per request, when it is busiest."""
+def group_commit(run_script: Script) -> GroupCommit[Batch, Skipped]:
+    """The core's group commit over ENQUEUE_SCRIPT: the batches of a group go in one script
+    call (at most 500 jobs, so the script stays short), and each learns which jobs it skipped."""
 
-    def __init__(self, send: Send, most_jobs: int = 500) -> None:
-        self._send = send
-        self._most_jobs = most_jobs
-        self._waiting: deque[_Waiting] = deque()
-        self._busy = False
-        self._sender: asyncio.Task[None] | None = None
+    async def send(group: list[Batch]) -> list[Skipped]:
+        keys = [key for batch in group for key in batch[0]]
+        argv = [WAKE_CHANNEL_PREFIX, *(arg for batch in group for arg in batch[1])]
+        flat = await run_script(keys, argv)
+        skipped = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+        return [skipped] * len(group)
 
-    async def submit(self, keys: list[str], argv: list[Any]) -> Skipped:
-        """Have one batch sent; return the jobs of the script call that were skipped (the
-        batch's own among them), by id, with the reason."""
-        if self._busy:
-            future: asyncio.Future[Skipped] = asyncio.get_running_loop().create_future()
-            entry = (keys, argv, future)
-            self._waiting.append(entry)
-            try:
-                return await future
-            except asyncio.CancelledError:
-                # Given up on (dispatch timeout) before a group took it: never send it late.
-                for i, waiting in enumerate(self._waiting):
-                    if waiting is entry:
-                        del self._waiting[i]
-                        break
-                raise
-        self._busy = True
-        try:
-            return await self._send_group([(keys, argv, None)])
-        finally:
-            self._busy = False
-            if self._waiting:
-                self._busy = True
-                self._sender = asyncio.get_running_loop().create_task(
-                    self._send_waiting(), name="taskbridge-arq:enqueue"
-                )
-
-    async def wait_idle(self) -> None:
-        """Wait for batches in flight (at close)."""
-        if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
-
-    async def _send_group(self, group: Sequence[_Entry]) -> Skipped:
-        keys = [key for entry in group for key in entry[0]]
-        argv = [WAKE_CHANNEL_PREFIX, *(arg for entry in group for arg in entry[1])]
-        flat = await self._send(keys, argv)
-        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-
-    async def _send_waiting(self) -> None:
-        try:
-            while self._waiting:
-                group: list[_Waiting] = []
-                jobs = 0
-                while self._waiting:
-                    if self._waiting[0][2].done():  # its request gave up: not sent
-                        self._waiting.popleft()
-                        continue
-                    size = len(self._waiting[0][0]) // _KEYS_PER_JOB
-                    if group and jobs + size > self._most_jobs:
-                        break  # a script blocks Redis while it runs: keep each one short
-                    group.append(self._waiting.popleft())
-                    jobs += size
-                if not group:
-                    continue
-                try:
-                    skipped = await self._send_group(group)
-                except asyncio.CancelledError:
-                    for _, _, future in group:
-                        future.cancel()
-                    raise
-                except Exception as exc:
-                    for _, _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for _, _, future in group:
-                    if not future.done():
-                        future.set_result(skipped)
-        finally:
-            self._busy, self._sender = False, None
-            while self._waiting:  # only when cancelled: nobody will send these
-                self._waiting.popleft()[2].cancel()
+    return GroupCommit(
+        send, size=lambda batch: len(batch[0]) // _KEYS_PER_JOB, name="taskbridge-arq:enqueue"
+    )

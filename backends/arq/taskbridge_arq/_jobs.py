@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, cast
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, func
 
-from taskbridge import MessageError, TaskBridge
-from taskbridge.backends import Envelope, Policy, Receiver, Task, encode_json, run
+from taskbridge import MessageError
+from taskbridge.backends import Envelope, Policy, Receiver, Task, WorkerBridge, encode_json, run
 
 from ._dispatch import (
     DEFAULT_EXECUTION_FIELDS,
@@ -45,7 +45,7 @@ _RETRY_MARGIN_MS = 2
 
 
 def job_functions(
-    bridge: TaskBridge,
+    bridge: WorkerBridge,
     alias: str,
     options: ArqOptions,
     wakeups: WakeUps,

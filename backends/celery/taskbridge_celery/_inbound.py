@@ -9,13 +9,8 @@ from typing import TYPE_CHECKING, Any
 from taskbridge import MessageError, TaskBridgeError
 from taskbridge.backends import Envelope, Receiver
 
-from ._protocol import (
-    ENQUEUED_HEADER,
-    POLICY_HEADER,
-    SIGNATURE_HEADER,
-    TRACE_HEADER,
-    engine_fields_from_headers,
-)
+from ._headers import engine_fields_of
+from ._protocol import ENQUEUED_HEADER, POLICY_HEADER, SIGNATURE_HEADER, TRACE_HEADER
 
 if TYPE_CHECKING:
     from celery import Celery  # type: ignore[import-untyped]
@@ -42,7 +37,7 @@ def envelope(headers: Mapping[str, Any], payload: Any) -> Envelope:
         args=args,
         kwargs=kwargs,
         policy=headers.get(POLICY_HEADER),
-        engine=engine_fields_from_headers(headers),
+        engine=engine_fields_of(headers),
         signature=headers.get(SIGNATURE_HEADER),
         trace=headers.get(TRACE_HEADER),
     )

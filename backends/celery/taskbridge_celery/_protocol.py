@@ -395,9 +395,7 @@ class MessageBuilder:
 _builders: dict[str, MessageBuilder] = {}
 
 
-def build_message(
-    call: TaskCall, default_queue: str, signer: Signer | None = None
-) -> TaskMessage:
+def build_message(call: TaskCall, default_queue: str, signer: Signer | None = None) -> TaskMessage:
     """The message for `call` with a Celery app of default settings (for tests and tools; the
     backend uses its own MessageBuilder, configured like its app)."""
     builder = _builders.get(default_queue)

@@ -5,10 +5,10 @@ workers BRPOP from; Celery publishes to the anonymous exchange with the queue as
 so nothing else is needed for delivery. The `_kombu.binding.<queue>` entry a Celery producer
 declares is added too (once per queue), so the broker looks exactly as if Celery had sent.
 
-Batches are group-committed: a request's batch is queued, and one flush task on the loop sends
-everything queued so far in one round trip, then starts over with what arrived meanwhile. An
-idle broker sees each batch at once; a busy one sees few, large commands instead of one per
-request, which is what makes many concurrent requests cheap.
+Batches are group-committed (the core's `GroupCommit`, one per event loop): a request's batch is
+queued, and a task on the loop sends everything queued so far in one round trip, then starts over
+with what arrived meanwhile. An idle broker sees each batch at once; a busy one sees few, large
+commands instead of one per request, which is what makes many concurrent requests cheap.
 
 A group is one LPUSH per queue (MULTI/EXEC when several), with each message's
 `taskbridge:queued:<id>` marker (so that status can tell a queued call from an unknown one) SET
@@ -17,10 +17,11 @@ the marker; its TTL (the visibility timeout plus the call's delay) only bounds t
 call no worker claims. A group holding a call with an idempotency key is sent as one Lua script
 instead (`_keys.DISPATCH_SCRIPT`), atomically: per message, unless Redis's clock says it arrived
 after its request's dispatch deadline (the request gave up and was answered 503: a link that
-froze mid-write must not deliver it later), SET NX PX of its dedup key (skipping the push when the key is held), its marker, and the LPUSH. Keyless
-calls are not sent that way: the script costs the broker more than a plain LPUSH (measured: 1.71x
-instead of 1.79x `delay()`'s requests/s), and a keyless batch can only arrive late if its bytes
-were on the wire when its request gave up; such a batch runs once (see the README).
+froze mid-write must not deliver it later), SET NX PX of its dedup key (skipping the push when
+the key is held), its marker, and the LPUSH. Keyless calls are not sent that way: the script
+costs the broker more than a plain LPUSH (measured: 1.71x instead of 1.79x `delay()`'s
+requests/s), and a keyless batch can only arrive late if its bytes were on the wire when its
+request gave up; such a batch runs once (see the README).
 
 A `sentinel://` broker is reached through redis.asyncio's Sentinel client (`_sentinel`), with
 the transport options kombu's workers read (`master_name`, `sentinel_kwargs`): each connection
@@ -30,17 +31,16 @@ goes to the master the Sentinels name, so dispatch follows a failover.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from taskbridge.backends import dispatch_deadline
+from taskbridge.backends import GroupCommit, dispatch_deadline
 
 from ._keys import DISPATCH_SCRIPT, dedup_key, marker_value, queued_key
 from ._protocol import TaskMessage, redis_binding, redis_envelope, redis_queue_key
@@ -75,9 +75,6 @@ class _Entry:
     """Life of its `queued` marker; 0: none is written."""
 
 
-_Batch = tuple[list[_Entry], asyncio.Future[list[str]]]
-
-
 def _delay_ms(message: TaskMessage) -> int:
     """How long from now until a delayed call is due (its `eta` header); 0 for the others."""
     eta = message.headers.get("eta")
@@ -93,8 +90,7 @@ class _LoopState:
 
     loop: asyncio.AbstractEventLoop
     client: redis.asyncio.Redis
-    pending: list[_Batch] = field(default_factory=list)
-    flush: asyncio.Task[None] | None = None
+    group: GroupCommit[list[_Entry], list[str]]
 
 
 class RedisPublisher:
@@ -130,7 +126,14 @@ class RedisPublisher:
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
             client = async_redis(self._url, self._transport, self._timeout)
-            self._state = _LoopState(loop, client)
+
+            async def send(group: list[list[_Entry]]) -> list[list[str] | BaseException]:
+                return await self._send_group(client, group)
+
+            # Every group goes from a task of its own (not inline): a request that gives up
+            # never interrupts a send that carries other requests' messages.
+            commit = GroupCommit(send, inline=False, size=len, name="taskbridge-celery:publish")
+            self._state = _LoopState(loop, client, commit)
         return self._state
 
     async def ping(self) -> None:
@@ -157,50 +160,24 @@ class RedisPublisher:
             )
             for m in messages
         ]
-        batch: _Batch = (entries, state.loop.create_future())
-        state.pending.append(batch)
-        if state.flush is None:
-            state.flush = state.loop.create_task(self._flush(state))
-        try:
-            return await batch[1]
-        except asyncio.CancelledError:
-            # Given up on (dispatch timeout) before a flush took it: do not send it late.
-            with contextlib.suppress(ValueError):
-                state.pending.remove(batch)
-            raise
+        return await state.group.submit(entries)
 
-    async def _flush(self, state: _LoopState) -> None:
-        try:
-            while state.pending:
-                group, state.pending = state.pending, []
-                error: BaseException | None = None
-                skipped: set[int] = set()
-                late: set[int] = set()
-                try:
-                    skipped, late = await self._send(
-                        state.client, [e for entries, _ in group for e in entries]
-                    )
-                except asyncio.CancelledError:
-                    for _, future in group:
-                        future.cancel()
-                    raise
-                except Exception as exc:
-                    error = exc
-                start = 0
-                for entries, future in group:
-                    if not future.done():
-                        refused = sum(start <= i < start + len(entries) for i in late)
-                        if error is None and refused:
-                            future.set_exception(LateBatch(refused))
-                        elif error is None:
-                            future.set_result(
-                                [e.id for i, e in enumerate(entries, start) if i in skipped]
-                            )
-                        else:
-                            future.set_exception(error)
-                    start += len(entries)
-        finally:
-            state.flush = None
+    async def _send_group(
+        self, client: redis.asyncio.Redis, group: list[list[_Entry]]
+    ) -> list[list[str] | BaseException]:
+        """Send a group of batches in one round trip; per batch, the ids of its keyed calls
+        skipped (key held), or LateBatch when Redis refused some for their deadline."""
+        skipped, late = await self._send(client, [e for entries in group for e in entries])
+        results: list[list[str] | BaseException] = []
+        start = 0
+        for entries in group:
+            refused = sum(start <= i < start + len(entries) for i in late)
+            if refused:
+                results.append(LateBatch(refused))
+            else:
+                results.append([e.id for i, e in enumerate(entries, start) if i in skipped])
+            start += len(entries)
+        return results
 
     async def _send(
         self, client: redis.asyncio.Redis, entries: list[_Entry]
@@ -264,6 +241,5 @@ class RedisPublisher:
         state, self._state = self._state, None
         if state is None or state.loop is not asyncio.get_running_loop():
             return
-        if state.flush is not None:
-            await asyncio.gather(state.flush, return_exceptions=True)
+        await state.group.wait_idle()
         await close_async_redis(state.client)

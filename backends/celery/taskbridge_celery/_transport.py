@@ -109,7 +109,16 @@ class GuardedRedisChannel(redis.Channel):  # type: ignore[misc]
     _popped: tuple[Any, Any] | None = None
     """The last (key, text) a BRPOP or RPOP of this channel's clients returned."""
 
+    _sync_client: Any = None
+    """The one synchronous client of this channel (see `_create_client`)."""
+
     def _create_client(self, asynchronous: bool = False) -> Any:
+        # kombu builds a new redis-py client for each ack and each write to the unacked index
+        # (about 90 us each: a copy of every response callback). A redis-py client is
+        # thread-safe and draws on the channel's pool, so one per channel serves them all; a
+        # channel is dropped on reconnection, and its client with it.
+        if not asynchronous and self._sync_client is not None:
+            return self._sync_client
         client = super()._create_client(asynchronous)
         # redis-py's response callbacks (a public API) see each popped message as Redis sent
         # it: kept, so that a message kombu then fails to decode can be named in the log.
@@ -123,6 +132,8 @@ class GuardedRedisChannel(redis.Channel):  # type: ignore[misc]
             return parse(response, **options) if parse is not None else response
 
         client.set_response_callback(command, remember)
+        if not asynchronous:
+            self._sync_client = client
         return client
 
     def _link_error(self, exc: BaseException) -> bool:

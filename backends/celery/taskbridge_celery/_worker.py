@@ -26,6 +26,7 @@ from taskbridge.backends import (
     Receiver,
     Task,
     TaskContext,
+    WorkerBridge,
     close_thread_loop,
     encode_json,
     run_blocking,
@@ -46,7 +47,6 @@ from ._results import TaskBridgeRedisBackend, backend_cls
 if TYPE_CHECKING:
     from celery import Celery  # type: ignore[import-untyped]
 
-    from taskbridge import TaskBridge
 
 __all__ = [
     "CANCEL_COMMAND",
@@ -182,6 +182,21 @@ def _expires(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value))
 
 
+@functools.cache
+def _stores_results(app: Any) -> bool:
+    """Whether `app` has a result backend (read once: Celery's settings lookup costs more than
+    a no-op task's run)."""
+    return bool(app.conf.result_backend)
+
+
+def _ignore() -> Exception:
+    """Celery's Ignore (the task is not run, or not recorded, and no state is stored)."""
+    from celery.exceptions import Ignore  # type: ignore[import-untyped]
+
+    error: Exception = Ignore()
+    return error
+
+
 def _execute(
     celery_task: Any,
     task: Task[..., Any],
@@ -190,8 +205,6 @@ def _execute(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    from celery.exceptions import Ignore  # type: ignore[import-untyped]
-
     request = celery_task.request
     # Checked by the strategy (guarded_strategy) before Celery accepted the message; cached.
     policy = receiver.policy(task, getattr(request, POLICY_HEADER, None), request.id)
@@ -206,7 +219,7 @@ def _execute(
                 else "it already succeeded (its message was delivered again)"
             )
             logger.warning("task %s [%s] not run: %s", task.name, request.id, why)
-            raise Ignore()
+            raise _ignore()
         reporter = _Reporter(backend, request, fields)
     try:
         outcome = run_blocking(
@@ -224,12 +237,12 @@ def _execute(
             raise
         logger.warning("task %s [%s] cancelled while running", task.name, request.id)
         backend.mark_as_revoked(request.id, "cancelled while running", request=request)
-        raise Ignore() from None
+        raise _ignore() from None
     finally:
         # (a task that swallowed its cancellation ends as it returns)
         _cancelling.discard(request.id)
     if outcome.state == "succeeded":
-        if celery_task.app.conf.result_backend:
+        if _stores_results(celery_task.app):
             return _check_result(task.name, outcome.value)
         return outcome.value
     if outcome.state == "retry":
@@ -287,7 +300,7 @@ def _adapter(task: Task[..., Any], receiver: Receiver) -> Any:
     return run
 
 
-def register_tasks(app: Celery, bridge: TaskBridge, alias: str = "celery") -> None:
+def register_tasks(app: Celery, bridge: WorkerBridge, alias: str = "celery") -> None:
     """Register one Celery task per bridge task, under the same name, for backend `alias`.
 
     Every task is registered, whatever its route: a `.using(backend=...)` call can send any
@@ -314,7 +327,7 @@ def register_tasks(app: Celery, bridge: TaskBridge, alias: str = "celery") -> No
         )
 
 
-def worker_queues(bridge: TaskBridge, alias: str, default_queue: str) -> list[str]:
+def worker_queues(bridge: WorkerBridge, alias: str, default_queue: str) -> list[str]:
     """The queues a worker consumes by default: the alias's default queue and every queue
     named by a task routed to this alias."""
     queues = [default_queue]
