@@ -1,5 +1,5 @@
-"""`python -m bench`: see bench/run.py."""
+"""`python -m bench`: see bench/driver.py."""
 
-from .run import main
+from .driver import main
 
 raise SystemExit(main())

@@ -6,6 +6,7 @@ FastAPI and Starlette are loaded (the in-process comparison and its memory figur
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,11 @@ app = FastAPI(lifespan=lifespan)
 @app.post("/noop/{n}")
 async def noop(n: int) -> None:
     """No task: the server's own ceiling."""
+
+
+@app.post("/inproc/none/{n}")
+async def inproc_none(n: int, background_tasks: BackgroundTasks) -> None:
+    """Takes `BackgroundTasks`, adds nothing: what a `Tasks` endpoint with no task compares to."""
 
 
 @app.post("/inproc/sync/{n}")
@@ -98,5 +104,10 @@ if CONFIG.has("arq"):
     @app.post("/arq/{k}/{n}")
     async def arq_enqueue(k: int, n: int) -> None:
         pool = state["arq"]
-        for _ in range(k):
+        if k == 1:
             await pool.enqueue_job("bench.arq_noop", n, _queue_name=arq_queue)
+            return
+        # Several jobs: what a careful user writes, the round trips awaited concurrently.
+        await asyncio.gather(
+            *(pool.enqueue_job("bench.arq_noop", n, _queue_name=arq_queue) for _ in range(k))
+        )

@@ -16,6 +16,11 @@ async def noop(n: int, tasks: Tasks) -> None:
     """The Tasks dependency, no call."""
 
 
+@app.post("/inproc/none/{n}")
+async def inproc_none(n: int, tasks: Tasks) -> None:
+    """Takes `Tasks`, adds nothing (the same as /noop, named as its native counterpart)."""
+
+
 @app.post("/inproc/sync/{n}")
 async def inproc_sync(n: int, tasks: Tasks) -> None:
     tasks.add_task(T.sync_noop, n)

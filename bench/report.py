@@ -106,14 +106,29 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def connections_of(row: dict[str, Any]) -> int | None:
+    """The keep-alive connections a row was measured at (None in older results)."""
+    value = row.get("extra", {}).get("connections")
+    return int(value) if value is not None else None
+
+
 def headline(data: dict[str, Any]) -> list[str]:
     rows = [r for r in data["comparisons"] if r["section"] != "http-latency"]
     lines: list[str] = []
     sections = [s for s in SECTION_TITLES if any(r["section"] == s for r in rows)]
     for section in sections:
         lines += [f"#### {SECTION_TITLES[section]}", ""]
-        lines += table([r for r in rows if r["section"] == section])
-        lines.append("")
+        in_section = [r for r in rows if r["section"] == section]
+        counts = sorted({c for r in in_section if (c := connections_of(r)) is not None})
+        if section != "enqueue" or len(counts) < 2:
+            lines += table(in_section)
+            lines.append("")
+            continue
+        for count in counts:  # one table per connection count
+            plural = "s" if count != 1 else ""
+            lines += [f"{count} keep-alive connection{plural}:", ""]
+            lines += table([r for r in in_section if connections_of(r) == count])
+            lines.append("")
     return lines
 
 
@@ -159,6 +174,13 @@ def meta_lines(data: dict[str, Any]) -> list[str]:
             "Load generator ceiling (the same client against a trivial asyncio HTTP server): "
             f"{median(ceilings['loadgen_trivial_rps']):,.0f} req/s median; uvicorn + FastAPI "
             f"no-op endpoint: {median(ceilings['uvicorn_noop_rps']):,.0f} req/s.".replace(",", " "),
+        ]
+    profile = data.get("profile")
+    if profile and profile.get("file"):
+        lines += [
+            "",
+            f"Profile of the taskbridge API under the `{profile['endpoint']}` load (py-spy, "
+            f"top taskbridge frames): [{profile['file']}]({profile['file']}).",
         ]
     if data.get("skipped"):
         lines += ["", "Skipped:", ""]
@@ -251,7 +273,7 @@ def chart(data: dict[str, Any], path: Path) -> bool:
 
 
 def short_label(row: dict[str, Any]) -> str:
-    label = row["label"].replace("`", "")
+    label = str(row["label"]).replace("`", "")
     if row["section"] == "memory":
         label = "memory: " + label
     if row["section"] == "isolation":
