@@ -2,9 +2,15 @@
 
 Celery keeps a call's state in the result backend under `celery-task-meta-<id>` (after kombu's
 `global_keyprefix`), as JSON: `{"status", "result", "traceback", "children", "date_done",
-"task_id"}`. taskbridge adds one field, `"taskbridge"`, with what Celery does not keep: the task
-name, the attempt, when the call was enqueued and started, where it runs (hostname, pool, pid),
-the last progress it reported, and when it finished (epoch seconds). Celery's tools ignore it.
+"task_id"}`. taskbridge adds one field, `"tb"`, with what Celery does not keep, as a short list
+by position (`TB_POSITIONS`): the task name, the attempt, when the call was enqueued and started,
+the last progress it reported and, while it runs, where (hostname, pid, pool, async). Times are
+integer milliseconds: since the epoch while the call has no `date_done`, and counted back from
+its `date_done` once it has one (a final state), which gives the finish time. Trailing unknowns
+are left out. Celery's tools ignore the field.
+
+Results stored before this format carry `"taskbridge"` instead: an object with the same names,
+times in epoch seconds (and `finished_at`); `tb_fields` reads both.
 
 Two keys of taskbridge's own, under the alias's `key_prefix`:
 
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ._options import CeleryOptions, celery_config
@@ -32,9 +38,13 @@ from ._options import CeleryOptions, celery_config
 __all__ = [
     "CLAIM_SCRIPT",
     "DISPATCH_SCRIPT",
+    "LEGACY_FIELD",
     "PROGRESS_SCRIPT",
     "REVOKE_SCRIPT",
+    "RUNNING_ONLY",
     "TB_FIELD",
+    "TB_POSITIONS",
+    "date_done_ms",
     "dedup_key",
     "marker_life",
     "marker_value",
@@ -42,10 +52,33 @@ __all__ = [
     "result_expires",
     "result_key",
     "result_key_prefix",
+    "tb_fields",
+    "tb_value",
 ]
 
-TB_FIELD = "taskbridge"
-"""The field taskbridge adds to Celery's result meta."""
+TB_FIELD = "tb"
+"""The field taskbridge adds to Celery's result meta (a list, see `TB_POSITIONS`)."""
+
+LEGACY_FIELD = "taskbridge"
+"""The field results stored by earlier versions carry instead (an object), still read."""
+
+TB_POSITIONS = (
+    "task",
+    "attempt",
+    "enqueued_at",
+    "started_at",
+    "progress",
+    "progress_message",
+    "hostname",
+    "pid",
+    "pool",
+    "async",
+)
+"""What each position of the `tb` list holds. New fields go at the end: a reader ignores the
+positions it does not know, and a writer leaves out the trailing ones it does not have."""
+
+TIMES = frozenset({"enqueued_at", "started_at"})
+"""The fields held as integer milliseconds (seconds in `tb_fields`' answer)."""
 
 DEFAULT_EXPIRES = 86400
 """Celery's default `result_expires` (one day)."""
@@ -54,8 +87,11 @@ DEFAULT_VISIBILITY = 3600.0
 """kombu's default `visibility_timeout` of a Redis broker (one hour)."""
 
 RUNNING_ONLY = ("hostname", "pid", "pool", "async")
-"""`taskbridge` fields that only serve while the call runs (to cancel it): not kept in the
-final result, where each stored call is worth its bytes."""
+"""`tb` fields that only serve while the call runs (to cancel it): not kept in the final
+result, where each stored call is worth its bytes (they are the list's last positions)."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 
 def result_key_prefix(options: CeleryOptions) -> str:
@@ -128,12 +164,72 @@ def decode_json(raw: bytes | str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def to_ms(seconds: float) -> int:
+    """Epoch seconds as whole milliseconds, rounded down (through microseconds, so that a time
+    read back from milliseconds gives the same milliseconds again)."""
+    return round(seconds * 1_000_000) // 1000
+
+
+def date_done_ms(meta: Mapping[str, Any]) -> int | None:
+    """The meta's `date_done` (Celery's ISO 8601, naive read as UTC) in epoch milliseconds,
+    rounded down; None when it has none."""
+    done = meta.get("date_done")
+    if not isinstance(done, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(done)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return (parsed - _EPOCH) // _MS
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def tb_value(fields: Mapping[str, Any], done_ms: int | None) -> list[Any]:
+    """The `tb` list of `fields` (names of `TB_POSITIONS`, times in epoch seconds) for a meta
+    whose `date_done` is `done_ms` (None: it has none)."""
+    values: list[Any] = []
+    for name in TB_POSITIONS:
+        value = fields.get(name)
+        if name in TIMES:
+            seconds = _number(value)
+            if seconds is None:
+                value = None
+            elif done_ms is None:
+                value = to_ms(seconds)
+            else:
+                value = done_ms - to_ms(seconds)
+        values.append(value)
+    while values and values[-1] is None:
+        values.pop()
+    return values
+
+
 def tb_fields(meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The `taskbridge` field of a result meta (empty when absent)."""
+    """What taskbridge stored in a result meta, by name (times in epoch seconds); empty when
+    nothing. Reads the `tb` list and, from results stored by earlier versions, the
+    `taskbridge` object."""
     if meta is None:
         return {}
     found = meta.get(TB_FIELD)
-    return dict(found) if isinstance(found, Mapping) else {}
+    if isinstance(found, list):
+        done = date_done_ms(meta)
+        fields: dict[str, Any] = {}
+        for name, value in zip(TB_POSITIONS, found, strict=False):
+            if name in TIMES:
+                ms = _number(value)
+                if ms is None:
+                    continue
+                value = (ms if done is None else done - ms) / 1000
+            if value is not None:
+                fields[name] = value
+        return fields
+    legacy = meta.get(LEGACY_FIELD)
+    return dict(legacy) if isinstance(legacy, Mapping) else {}
 
 
 # Dispatch on a Redis broker, in one round trip.
@@ -181,27 +277,21 @@ return skipped
 """
 
 # The worker's claim of a call, before it runs: store STARTED unless the result says the call
-# was revoked or already succeeded (then return that result and do not run it).
-# A REVOKED or SUCCESS result belongs to this dispatch unless it names another enqueue time:
-# a call keyed again after its key_ttl reuses the id, and must run.
+# was revoked or already succeeded (then return that result: the worker decides whether it is
+# this dispatch's, which the `tb` field's times say, and calls again with it as ARGV[3] when it
+# is not: a call keyed again after its key_ttl reuses the id, and must run).
 # The call's `queued` marker, which serves until now, is deleted either way.
 # KEYS[1]: result key; KEYS[2], when given: the queued marker. ARGV[1]: STARTED meta;
-# ARGV[2]: expiry in s (0: none); ARGV[3]: the message's enqueue time ('' when it has none).
+# ARGV[2]: expiry in s (0: none); ARGV[3]: a final result to replace all the same ('': none).
 CLAIM_SCRIPT = """
 if #KEYS > 1 then
   redis.call('DEL', KEYS[2])
 end
 local current = redis.call('GET', KEYS[1])
-if current then
+if current and current ~= ARGV[3] then
   local ok, meta = pcall(cjson.decode, current)
   if ok and type(meta) == 'table' and (meta.status == 'REVOKED' or meta.status == 'SUCCESS') then
-    local tb = meta.taskbridge
-    local theirs = nil
-    if type(tb) == 'table' then theirs = tonumber(tb.enqueued_at) end
-    local mine = tonumber(ARGV[3])
-    if theirs == nil or mine == nil or theirs == mine then
-      return current
-    end
+    return current
   end
 end
 if tonumber(ARGV[2]) > 0 then

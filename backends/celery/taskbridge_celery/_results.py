@@ -1,22 +1,27 @@
 """Celery's Redis result backend, keeping what taskbridge's status needs next to each result.
 
 Installed on the apps `build_app` makes (worker and API side) when the alias has a result
-backend. It stores exactly what Celery stores, plus the `taskbridge` field (see `_keys`), and
-adds two operations the worker uses instead of Celery's own writes:
+backend. It stores what Celery stores, plus the `tb` field (see `_keys`), in fewer bytes: a
+result is kept for a day, one per call, so its size is what Redis holds per call. The JSON is
+compact (no blanks after `,` and `:`: kombu's JSON reads it back identically), and a `traceback`
+of None is left out (Celery's readers all take `meta.get("traceback")`: the same None). It adds
+two operations the worker uses instead of Celery's own writes:
 
 - `claim`: before an attempt runs, one Lua script stores STARTED, unless the result says the call
   was revoked (cancelled before it started, possibly while no worker was running) or already
-  succeeded (a redelivered message): then the attempt does not run. It replaces Celery's
-  `task_track_started` write (a GET, then SET and PUBLISH), so it costs no extra round trip.
-  The same script deletes the call's `queued` marker, which the result replaces from then on
-  (when the broker is another Redis, one DEL there instead).
+  succeeded (a redelivered message) in this dispatch: then the attempt does not run (a result of
+  an earlier dispatch of the id, by its enqueue time, is replaced by a second call of the
+  script). It replaces Celery's `task_track_started` write (a GET, then SET and PUBLISH), so it
+  costs no extra round trip. The same script deletes the call's `queued` marker, which the
+  result replaces from then on (when the broker is another Redis, one DEL there instead).
 - `report_progress`: one Lua script stores PROGRESS with the task's fraction and message, only
   over the running attempt's own STARTED/PROGRESS.
 
-Every other store (SUCCESS, FAILURE, RETRY, REVOKED) merges the `taskbridge` field of the meta it
-replaces, which Celery reads anyway (its SUCCESS guard), so the start time and progress survive
-into the final state. A final state drops the fields that only serve a running call (worker,
-pool, pid: see `_keys.RUNNING_ONLY`); its finish time is Celery's `date_done`.
+Every other store (SUCCESS, FAILURE, RETRY, REVOKED) merges the `tb` field of the meta it
+replaces (either format), which Celery reads anyway (its SUCCESS guard), so the start time and
+progress survive into the final state. A final state drops the fields that only serve a running
+call (worker, pool, pid: see `_keys.RUNNING_ONLY`); its finish time is Celery's `date_done`, from
+which its other times count back.
 
 A `sentinel://` result backend gets `TaskBridgeSentinelBackend`: the same, on Celery's own
 `SentinelBackend` (the master named by `result_backend_transport_options.master_name`, found
@@ -37,9 +42,21 @@ from celery.backends.redis import (  # type: ignore[import-untyped]
     SentinelBackend,
 )
 from celery.exceptions import BackendStoreError  # type: ignore[import-untyped]
+from kombu.exceptions import EncodeError  # type: ignore[import-untyped]
 from kombu.utils.encoding import bytes_to_str  # type: ignore[import-untyped]
+from kombu.utils.json import dumps as json_dumps  # type: ignore[import-untyped]
 
-from ._keys import CLAIM_SCRIPT, PROGRESS_SCRIPT, RUNNING_ONLY, TB_FIELD, queued_key, tb_fields
+from ._keys import (
+    CLAIM_SCRIPT,
+    PROGRESS_SCRIPT,
+    RUNNING_ONLY,
+    TB_FIELD,
+    date_done_ms,
+    queued_key,
+    tb_fields,
+    tb_value,
+    to_ms,
+)
 from ._options import QUEUED_MARKERS
 from ._protocol import ENQUEUED_HEADER
 from ._sentinel import is_sentinel, sentinel_address
@@ -51,6 +68,13 @@ logger = logging.getLogger("taskbridge.celery")
 PROGRESS = "PROGRESS"
 """The state of a running call that reported progress (Celery's custom-state convention)."""
 
+COMPACT = (",", ":")
+"""JSON separators without blanks."""
+
+CLAIM_TRIES = 3
+"""Claims of one attempt at most: the second replaces a final result of an earlier dispatch;
+a third only when another worker stored one in between."""
+
 
 def backend_cls(url: str) -> str:
     """What to set as `app.backend_cls` so that Celery builds this backend for `url`
@@ -61,7 +85,7 @@ def backend_cls(url: str) -> str:
 
 
 def request_fields(request: Any, state: str) -> dict[str, Any]:
-    """The `taskbridge` fields a store of `state` for `request` (a Celery Context) sets."""
+    """The `tb` fields a store of `state` for `request` (a Celery Context) sets."""
     fields: dict[str, Any] = {}
     if request is not None:
         name = getattr(request, "task", None)
@@ -77,7 +101,7 @@ def request_fields(request: Any, state: str) -> dict[str, Any]:
 
 
 class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's RedisBackend, with the `taskbridge` field, `claim` and `report_progress`."""
+    """Celery's RedisBackend, with the `tb` field, `claim` and `report_progress`."""
 
     _claim_script: Any = None
     _progress_script: Any = None
@@ -86,6 +110,17 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
     _markers_read = False
     _marker_client: Any = None
     """The broker's Redis, when the markers live there and it is another one."""
+
+    def _encode(self, data: Any) -> tuple[str, str, Any]:
+        # Celery's `_encode` (kombu's `dumps`, whose JSON encoder also writes datetimes, UUIDs
+        # and Decimals), compact; Celery 5.7 compresses what it returns when configured to.
+        if self.serializer != "json":
+            return super()._encode(data)  # type: ignore[no-any-return]
+        try:
+            payload = json_dumps(data, separators=COMPACT)
+        except Exception as exc:
+            raise EncodeError(exc) from exc
+        return "application/json", "utf-8", payload
 
     def _store_result(
         self,
@@ -96,7 +131,7 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
-        # KeyValueStoreBackend._store_result (Celery 5.5/5.6), merging the taskbridge field.
+        # KeyValueStoreBackend._store_result (Celery 5.5 to 5.7), merging the `tb` field.
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
@@ -108,26 +143,31 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
         if state in states.READY_STATES:
             for name in RUNNING_ONLY:
                 fields.pop(name, None)
-        meta[TB_FIELD] = fields
         try:
-            self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+            self._set_with_state(self.get_key_for_task(task_id), self._finish(meta, fields), state)
         except BackendStoreError as ex:
             raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
         return result
 
+    def _finish(self, meta: dict[str, Any], fields: dict[str, Any]) -> Any:
+        """`meta` with the `tb` field of `fields`, encoded, without a traceback of None."""
+        if meta.get("traceback", True) is None:
+            del meta["traceback"]
+        meta[TB_FIELD] = tb_value(fields, date_done_ms(meta))
+        return self.encode(meta)
+
     def _meta(self, request: Any, state: str, result: Any, fields: dict[str, Any]) -> bytes:
         meta = self._get_result_meta(result=result, state=state, traceback=None, request=request)
         meta["task_id"] = request.id
-        meta[TB_FIELD] = fields
-        encoded: bytes | str = self.encode(meta)
+        encoded: bytes | str = self._finish(meta, fields)
         return encoded.encode() if isinstance(encoded, str) else encoded
 
     def claim(
         self, request: Any, pool: str | None, is_async: bool
     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """Store STARTED for the attempt `request` is about to run, unless the call was revoked
-        or already succeeded. Returns (that result meta, or None when the attempt may run; the
-        `taskbridge` fields of the attempt, for its progress reports)."""
+        or already succeeded in this dispatch. Returns (that result meta, or None when the
+        attempt may run; the `tb` fields of the attempt, for its progress reports)."""
         now = time.time()
         pid, hostname = os.getpid(), getattr(request, "hostname", None)
         fields = {
@@ -139,16 +179,21 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
             "async": is_async,
         }
         meta = self._meta(request, states.STARTED, {"pid": pid, "hostname": hostname}, fields)
-        enqueued = fields.get("enqueued_at")
-        args = [meta, self.expires or 0, "" if enqueued is None else repr(enqueued)]
         keys = [self.get_key_for_task(request.id)]
         markers = self._marker_setting()
         if markers is not None and markers[1]:
             keys.append(queued_key(markers[0], request.id))
-        current = self.ensure(self._claim, (keys, args))
+        found: dict[str, Any] | None = None
+        replacing: bytes | str = ""
+        for _ in range(CLAIM_TRIES):
+            current = self.ensure(self._claim, (keys, [meta, self.expires or 0, replacing]))
+            found = None if not current else self.decode(current)
+            if found is None or not _earlier_dispatch(found, fields.get("enqueued_at")):
+                break
+            replacing = current
         if markers is not None and not markers[1]:
             self._delete_marker(queued_key(markers[0], request.id))
-        return (None if not current else self.decode(current)), fields
+        return found, fields
 
     def _claim(self, keys: list[str], args: list[Any]) -> Any:
         if self._claim_script is None:
@@ -186,6 +231,16 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
         return self._progress_script(keys=[key], args=args)
 
 
+def _earlier_dispatch(meta: dict[str, Any], enqueued: Any) -> bool:
+    """Whether a result was stored by an earlier dispatch of the call id than the one enqueued
+    at `enqueued` (epoch seconds): both enqueue times are known and differ. A call keyed again
+    once its key expired reuses its id."""
+    theirs = tb_fields(meta).get("enqueued_at")
+    if not isinstance(theirs, int | float) or not isinstance(enqueued, int | float):
+        return False
+    return to_ms(theirs) != to_ms(enqueued)
+
+
 def _broker_redis(conf: Any) -> Any:
     """A redis-py client of the broker's Redis (through its Sentinels for a `sentinel://` URL,
     with the master and options kombu uses)."""
@@ -214,5 +269,5 @@ def _broker_redis(conf: Any) -> Any:
 
 class TaskBridgeSentinelBackend(TaskBridgeRedisBackend, SentinelBackend):  # type: ignore[misc]
     """Celery's SentinelBackend (a RedisBackend whose connection pool asks the Sentinels for the
-    master), with the `taskbridge` field, `claim` and `report_progress` of
+    master), with the `tb` field, `claim` and `report_progress` of
     TaskBridgeRedisBackend (which its Method Resolution Order puts first)."""

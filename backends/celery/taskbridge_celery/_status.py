@@ -14,7 +14,6 @@ import asyncio
 import builtins
 import contextlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +26,9 @@ from taskbridge.backends import TaskErrorInfo, TaskStatus, timestamp
 
 from ._keys import (
     REVOKE_SCRIPT,
+    RUNNING_ONLY,
     TB_FIELD,
+    date_done_ms,
     decode_json,
     dedup_key,
     marker_value,
@@ -37,6 +38,7 @@ from ._keys import (
     result_key,
     result_key_prefix,
     tb_fields,
+    tb_value,
 )
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import TaskMessage
@@ -156,13 +158,15 @@ class Snapshot:
 
 def revoked_meta(snapshot: Snapshot, reason: str) -> bytes:
     """The REVOKED meta the API side stores for a call that has not started: Celery's own shape
-    (so `AsyncResult` raises TaskRevokedError), with what is known of the call carried over."""
-    now = time.time()
-    tb = snapshot.tb
+    (so `AsyncResult` raises TaskRevokedError), written as the worker writes a final state
+    (compact, no traceback of None), with what is known of the call carried over."""
+    now = datetime.now(UTC)
+    fields = snapshot.tb
     for name in ("task", "enqueued_at"):
-        if snapshot.marker and name not in tb and name in snapshot.marker:
-            tb[name] = snapshot.marker[name]
-    tb["finished_at"] = now
+        if snapshot.marker and name not in fields and name in snapshot.marker:
+            fields[name] = snapshot.marker[name]
+    for name in RUNNING_ONLY:
+        fields.pop(name, None)
     meta: dict[str, Any] = {
         "status": "REVOKED",
         "result": {
@@ -170,13 +174,12 @@ def revoked_meta(snapshot: Snapshot, reason: str) -> bytes:
             "exc_message": [reason],
             "exc_module": "celery.exceptions",
         },
-        "traceback": None,
         "children": [],
-        "date_done": datetime.fromtimestamp(now, UTC).isoformat(),
+        "date_done": now.isoformat(),
         "task_id": snapshot.id,
-        TB_FIELD: tb,
     }
-    return json.dumps(meta).encode()
+    meta[TB_FIELD] = tb_value(fields, date_done_ms(meta))
+    return json.dumps(meta, separators=(",", ":")).encode()
 
 
 @dataclass

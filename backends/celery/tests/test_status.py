@@ -351,3 +351,122 @@ def test_result_keys_are_celerys_own(prefix: str | None) -> None:
     ours = result_key_prefix(backend.options) + "some-id"
     assert ours == backend.app.backend.get_key_for_task("some-id").decode()
     backend.app.close()
+
+
+# -- results stored by the earlier format (a `taskbridge` object, times in epoch seconds) ----
+
+
+def _legacy(task_id: str, status: str, result: Any = None, **changes: Any) -> dict[str, Any]:
+    """A result meta as the earlier format stored it (a no-op's, as the soak showed it)."""
+    done = None if status in ("STARTED", "PROGRESS", "RETRY") else "2026-11-30T15:09:33.912176"
+    tb: dict[str, Any] = {
+        "task": "tb.record",
+        "attempt": 1,
+        "enqueued_at": 1796051373.902104,
+        "started_at": 1796051373.9092994,
+    }
+    return {
+        "status": status,
+        "result": result,
+        "traceback": None,
+        "children": [],
+        "date_done": None if done is None else done + "+00:00",
+        "task_id": task_id,
+        "taskbridge": {**tb, **changes},
+    }
+
+
+async def test_a_result_of_the_earlier_format_reads_as_before(stack: Stack) -> None:
+    store = redis.Redis.from_url(stack.redis_url)
+    prefix = stack.prefix + "celery-task-meta-"
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    running, done, revoked = ids
+    try:
+        store.set(
+            prefix + running,
+            json.dumps(
+                _legacy(running, "PROGRESS", None, progress=0.5, progress_message="half")
+                | {"taskbridge": _legacy(running, "STARTED")["taskbridge"] | {"pool": "solo"}}
+            ),
+            ex=60,
+        )
+        store.set(prefix + done, json.dumps(_legacy(done, "SUCCESS", [1, 2])), ex=60)
+        store.set(
+            prefix + revoked,
+            json.dumps(
+                _legacy(
+                    revoked,
+                    "REVOKED",
+                    {"exc_type": "TaskRevokedError", "exc_message": ["no"], "exc_module": "x"},
+                    finished_at=1796051374.5,
+                    started_at=None,
+                )
+            ),
+            ex=60,
+        )
+        # Read without opening the bridge (whose warm-up, cancelled by a close this early,
+        # can leave a connection to be collected during a later test).
+        backend = stack.bridge.backend("celery")
+        assert isinstance(backend, CeleryBackend) and backend.store is not None
+        try:
+            now = await backend.status(running)
+            ok = await backend.status(done)
+            cancelled = await backend.status(revoked)
+        finally:
+            await backend.store.close()
+    finally:
+        store.delete(*(prefix + i for i in ids))
+        store.close()
+    assert now is not None and ok is not None and cancelled is not None
+    assert (now.state, now.task_name, now.attempts) == ("running", "tb.record", 1)
+    assert now.started_at and now.started_at.timestamp() == pytest.approx(
+        1796051373.909299, abs=1e-6
+    )
+    assert (ok.state, ok.result, ok.task_name, ok.attempts) == ("succeeded", [1, 2], "tb.record", 1)
+    assert ok.enqueued_at and ok.enqueued_at.timestamp() == 1796051373.902104
+    assert ok.started_at and ok.started_at.timestamp() == pytest.approx(1796051373.909299, abs=1e-6)
+    assert ok.finished_at and ok.finished_at.isoformat() == "2026-11-30T15:09:33.912176+00:00"
+    assert cancelled.state == "cancelled" and cancelled.started_at is None
+    assert cancelled.finished_at and cancelled.finished_at.timestamp() == 1796051374.5
+
+
+def test_a_running_result_of_the_earlier_format_still_says_where_it_runs() -> None:
+    meta = _legacy("a", "STARTED") | {
+        "taskbridge": _legacy("a", "STARTED")["taskbridge"]
+        | {"hostname": "w@h", "pid": 7, "pool": "prefork", "async": False}
+    }
+    tb = Snapshot("a", meta).tb
+    assert (tb["hostname"], tb["pid"], tb["pool"], tb["async"]) == ("w@h", 7, "prefork", False)
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["same-dispatch", "earlier-dispatch"])
+async def test_a_success_of_the_earlier_format_guards_its_own_dispatch_only(
+    stack: Stack, earlier: bool
+) -> None:
+    key = _name("oldsuccess")
+    store = redis.Redis.from_url(stack.redis_url)
+    try:
+        async with opened(stack.bridge) as bridge:
+            record = bridge.get_task("tb.record")
+            backend, call = bridge.prepare(record, (key,), {})
+            enqueued = call.enqueued_at - (60 if earlier else 0)
+            old = _legacy(call.id, "SUCCESS", "old", enqueued_at=enqueued)
+            result_key = f"{stack.prefix}celery-task-meta-{call.id}"
+            store.set(result_key, json.dumps(old), ex=60)
+            await bridge.dispatch([(backend, call)])
+            later = await record.enqueue(key, "later")
+            await later.result(timeout=15)
+            if earlier:
+                done = await until(call.handle.info, lambda s: s.result != "old", "the rerun")
+                assert (done.state, done.result["args"]) == ("succeeded", [])
+                # in whole milliseconds, rounded down
+                enqueued_ms = done.enqueued_at and done.enqueued_at.timestamp() * 1000
+                assert enqueued_ms and round(enqueued_ms) == int(call.enqueued_at * 1000)
+    finally:
+        store.close()
+    if earlier:
+        assert sorted(r["args"] for r in stack.records(key)) == [[], ["later"]]
+    else:
+        stack.worker.wait_for_output(rf"\[{call.id}\] not run: it already succeeded")
+        assert [r["args"] for r in stack.records(key)] == [["later"]]
+        assert stack.result(call.id).result == "old"
