@@ -118,6 +118,8 @@ class Backend(ABC):
 
     signer: Signer | None = None
     """Signs queued messages when the bridge has a `signing_key` (set before `open`)."""
+    compact_ids: ClassVar[bool] = False
+    """Call ids as 32 hex digits (ARQ's own form) rather than dashed UUID strings (Celery's)."""
 
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         self.alias = alias

@@ -185,7 +185,11 @@ class Dispatcher:
         """
         policy = self.resolve(task).policy
         backend = self._backends.get(policy.backend) or self.backend(policy.backend)
-        task_id = new_task_id() if policy.key is None else keyed_task_id(task.name, policy.key)
+        compact = backend.compact_ids
+        if policy.key is None:
+            task_id = new_task_id(compact=compact)
+        else:
+            task_id = keyed_task_id(task.name, policy.key, compact=compact)
         settings = self.registry.settings
         if backend.runs_in_process:
             if settings.strict_arguments:

@@ -73,6 +73,8 @@ class ArqBackend(Backend):
 
     supports_delay: ClassVar[bool] = True
     supports_queues: ClassVar[bool] = True
+    compact_ids: ClassVar[bool] = True
+    """Job ids as ARQ makes them: 32 hex digits (shorter keys than a dashed UUID)."""
     supports_worker: ClassVar[bool] = True
     supports_status: ClassVar[bool] = True
     supports_cancel: ClassVar[bool] = True
@@ -489,6 +491,8 @@ class ArqBackend(Backend):
             connection=connection,
             start_retries=options.conn_retries if burst else None,
             start_retry_delay=options.conn_retry_delay,
+            probe=lambda: self.connect(socket_timeout=options.socket_timeout),
+            hang_timeout=options.socket_timeout,
             poll_delay=options.poll_delay,
             queue_name=queue or options.queue_name,
             redis_pool=redis,
@@ -545,6 +549,7 @@ class ArqBackend(Backend):
             asyncio.set_event_loop(None)
 
     def _worker_redis(self) -> ArqRedis:
-        """The worker's client (no connection made yet). Its socket_timeout makes a command on
-        a hung link fail, and the worker reconnect, instead of waiting forever."""
-        return self.connect(socket_timeout=self.options.socket_timeout)
+        """The worker's client (no connection made yet). Its commands have no timeout of their
+        own: the worker's watchdog PINGs within `socket_timeout` on a connection of its own and
+        drops the pool's connections when Redis stops answering (see TaskbridgeWorker)."""
+        return self.connect()

@@ -111,7 +111,9 @@ def serialize(data: dict[str, Any]) -> bytes:
         carried = kwargs.pop(POLICY_KWARG)
         if isinstance(carried, dict):
             carried = {k: v for k, v in carried.items() if k != JOB_TRY_FIELD}
-        data = {**data, "k": kwargs, JOB_FIELD: carried}
+        data = {**data, "k": kwargs}
+        if carried:  # nothing stored for the default policy: a result as small as ARQ's own
+            data[JOB_FIELD] = carried
     return encode_json(data)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
+from arq.connections import ArqRedis
 from arq.constants import abort_job_max_age, abort_jobs_ss, in_progress_key_prefix
 from arq.constants import result_key_prefix as result_prefix
 from arq.utils import timestamp_ms
@@ -193,6 +194,8 @@ class TaskbridgeWorker(Worker):
         connection: ConnectionState | None = None,
         start_retries: int | None = None,
         start_retry_delay: float = 1.0,
+        probe: Callable[[], ArqRedis] | None = None,
+        hang_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         self._on_job_start = kwargs.pop("on_job_start", None)
@@ -228,6 +231,9 @@ class TaskbridgeWorker(Worker):
         self._reconnector: asyncio.Task[None] | None = None
         self._writes: dict[asyncio.Task[Any], str] = {}
         """Outcome writes under way (their job ids), which a stopping worker waits for."""
+        self._probe_factory = probe
+        self._hang_timeout = hang_timeout
+        self._watchdog: asyncio.Task[None] | None = None
 
     # -- the link to Redis ----------------------------------------------------------------
 
@@ -238,6 +244,8 @@ class TaskbridgeWorker(Worker):
             self.reporter.bind(self.pool, asyncio.get_running_loop())
         await self._reconnect(starting=True)
         self._listener = asyncio.create_task(self._listen(), name="taskbridge:wakeups")
+        if self._probe_factory is not None and self._hang_timeout is not None:
+            self._watchdog = asyncio.create_task(self._watch_link(), name="taskbridge:watchdog")
         try:
             # Subscribed before the first poll: from then on no announcement is missed.
             with contextlib.suppress(TimeoutError):
@@ -262,6 +270,52 @@ class TaskbridgeWorker(Worker):
             if self._listener is not None:
                 self._listener.cancel()
                 await asyncio.gather(self._listener, return_exceptions=True)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                await asyncio.gather(self._watchdog, return_exceptions=True)
+
+    async def _watch_link(self) -> None:
+        """Find a hung link (a Redis or a network path that stopped answering without closing
+        the connection): PING on a connection of its own, about every second, each within
+        `hang_timeout`. When one goes unanswered, every connection of the pool is closed, so
+        that the commands waiting on them fail now, and the worker reconnects.
+
+        One timed PING a second instead of a socket timeout on every command: redis-py makes a
+        task and a timer per command for that, which cost a no-op job a third of its CPU.
+        """
+        assert self._probe_factory is not None and self._hang_timeout is not None
+        timeout = self._hang_timeout
+        interval = min(1.0, timeout / 3)
+        probe = self._probe_factory()
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if not self._link_ok.is_set():
+                    continue  # reconnecting: its own PINGs watch the link
+                epoch = self._epoch
+                try:
+                    async with asyncio.timeout(timeout):
+                        await probe.ping()
+                except LINK_ERRORS as exc:
+                    if epoch != self._epoch or not self._link_ok.is_set():
+                        continue
+                    logger.warning(
+                        "%s: Redis did not answer a PING within %.1fs (%s): dropping the "
+                        "connections",
+                        self.connection.name,
+                        timeout,
+                        _describe(exc) if str(exc) else "hung link",
+                    )
+                    self._link_lost(exc, epoch)
+                    with contextlib.suppress(*LINK_ERRORS):
+                        async with asyncio.timeout(timeout):
+                            await self.pool.connection_pool.disconnect(inuse_connections=True)
+                    with contextlib.suppress(*LINK_ERRORS):
+                        async with asyncio.timeout(timeout):
+                            await probe.connection_pool.disconnect(inuse_connections=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.aclose()
 
     def _link_lost(self, exc: BaseException, epoch: int) -> None:
         """An operation begun in `epoch` failed with `exc`, one of LINK_ERRORS."""
@@ -297,7 +351,11 @@ class TaskbridgeWorker(Worker):
                 await asyncio.sleep(random.uniform(pause / 2, pause))
             try:
                 await self.pool.connection_pool.disconnect(inuse_connections=False)
-                await self.pool.ping()
+                if self._hang_timeout is None:
+                    await self.pool.ping()
+                else:  # the pool's commands have no timeout of their own (see _watch_link)
+                    async with asyncio.timeout(self._hang_timeout):
+                        await self.pool.ping()
                 break
             except LINK_ERRORS as exc:
                 attempts += 1
