@@ -14,7 +14,7 @@ from pydantic import Field
 from starlette.background import BackgroundTask
 
 from .._backends import Backend, BackendOptions
-from .._runner import Outcome, TaskContext, run_with_retries
+from .._runner import Outcome, TaskContext, run, run_with_retries
 from .._status import (
     CancelResult,
     MemoryStatusStore,
@@ -157,7 +157,9 @@ async def run_in_process(
             await asyncio.sleep(call.policy.delay)
             if record is not None and not call.task.is_async:
                 record.runner = None  # a def task cannot be interrupted once it runs
-        outcome = await run_with_retries(
+        # one attempt, as most calls are: no retry loop around it
+        execute = run if not call.policy.retries else run_with_retries
+        outcome = await execute(
             call.task,
             call.args,
             call.kwargs,
