@@ -1,4 +1,5 @@
-"""`taskbridge dev`: the API with reload plus one worker per queue backend, in one terminal."""
+"""`taskbridge dev`: the API with reload plus one worker per queue backend, and a scheduler when
+queued tasks have schedules, in one terminal."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ._exceptions import ConfigurationError
 from ._settings import env_name
 from .backends import load_backend_class
 
-__all__ = ["free_port", "plan_workers", "redis_binary", "run_dev", "start_redis"]
+__all__ = ["free_port", "plan_scheduler", "plan_workers", "redis_binary", "run_dev", "start_redis"]
 
 _COLOURS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m"]
 _RESET = "\033[0m"
@@ -39,6 +40,21 @@ def plan_workers(bridge: TaskBridge) -> dict[str, type[Any]]:
         if cls.supports_worker:
             plan[alias] = cls
     return plan
+
+
+def plan_scheduler(bridge: TaskBridge) -> bool:
+    """Whether the app has enabled schedules of queued tasks, which need `taskbridge scheduler`
+    (the API process runs those of in-process tasks itself)."""
+    settings = bridge.settings
+    for schedule in bridge.schedules:
+        task = bridge.tasks.get(schedule.task)
+        if not schedule.enabled or task is None:
+            continue
+        alias = bridge.resolve(task, check=False).policy.backend
+        engine = settings.backends.get(alias, {}).get("engine") or alias
+        if not load_backend_class(engine).runs_in_process:
+            return True
+    return False
 
 
 def _missing_options(bridge: TaskBridge, alias: str) -> bool:
@@ -188,6 +204,8 @@ def run_dev(
     }
     for alias in plan:
         commands[alias] = [sys.executable, "-m", "taskbridge.cli", "worker", alias, target]
+    if plan_scheduler(bridge):
+        commands["scheduler"] = [sys.executable, "-m", "taskbridge.cli", "scheduler", target]
     lock = threading.Lock()
     processes: dict[str, subprocess.Popen[bytes]] = {}
     pumps: dict[str, threading.Thread] = {}

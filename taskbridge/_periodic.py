@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ._codec import bind_arguments
+from ._codec import bind_arguments, normalize_arguments
 from ._dispatch import Dispatcher
 from ._exceptions import ConfigurationError
 from ._registry import Registry
@@ -28,8 +28,8 @@ __all__ = ["Periodic", "StartupCall", "mark", "run_until"]
 
 logger = logging.getLogger("taskbridge.scheduler")
 
-INPROCESS_PREFIX = "taskbridge:inprocess:"
-"""Redis prefix of the API processes' own scheduler (in-process schedules), apart from
+INPROCESS = "inprocess:"
+"""Added to the prefix of the API processes' own scheduler (in-process schedules), apart from
 `taskbridge scheduler`'s."""
 
 
@@ -99,13 +99,21 @@ class Periodic:
         """Every schedule, the settings' changes applied (disabled ones included)."""
         return parse_schedules_setting(self.registry.settings.schedules, self.declared.values())
 
+    def _settled(self) -> tuple[list[Schedule], list[ConfigurationError]]:
+        """The schedules with every valid settings entry applied, and each invalid entry's
+        error: start-up reports them all at once, not only the first."""
+        schedules = list(self.declared.values())
+        found: list[ConfigurationError] = []
+        for name, entry in self.registry.settings.schedules.items():
+            try:
+                schedules = parse_schedules_setting({name: entry}, schedules)
+            except ConfigurationError as exc:
+                found.append(exc)
+        return schedules, found
+
     def problems(self) -> list[ConfigurationError]:
         """What is wrong with the schedules and on-startup calls (for start-up validation)."""
-        try:
-            schedules = self.schedules()
-        except ConfigurationError as exc:
-            return [exc]
-        found: list[ConfigurationError] = []
+        schedules, found = self._settled()
         tasks = self.registry.tasks
         for schedule in schedules:
             where = schedule.source or f"schedule {schedule.name!r}"
@@ -118,16 +126,32 @@ class Periodic:
                     )
                 )
                 continue
-            try:
-                bind_arguments(task.signature, task.name, schedule.args, schedule.kwargs)
-            except TypeError as exc:  # a TaskArgumentError naming the task
-                found.append(ConfigurationError(f"{where}: {exc}"))
+            problem = self._arguments_problem(task, schedule.args, schedule.kwargs)
+            if problem is not None:
+                found.append(ConfigurationError(f"{where}: {problem}"))
         for call in self.startup.values():
-            try:
-                bind_arguments(call.task.signature, call.name, call.args, call.kwargs)
-            except TypeError as exc:
-                found.append(ConfigurationError(f"on_startup of task {call.name!r}: {exc}"))
+            problem = self._arguments_problem(call.task, call.args, call.kwargs)
+            if problem is not None:
+                found.append(ConfigurationError(f"on_startup of task {call.name!r}: {problem}"))
         return found
+
+    def _arguments_problem(
+        self, task: Task[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> str | None:
+        """Why the arguments do not fit the task (bind to its signature, and for a queue be
+        JSON), or None. Found at start-up rather than at every slot."""
+        try:
+            backend = self._dispatcher().backend(self.registry.resolve(task).policy.backend)
+        except ConfigurationError:  # a broken backend, reported by the dispatcher's checks
+            backend = None
+        try:
+            if backend is None or backend.runs_in_process:
+                bind_arguments(task.signature, task.name, args, kwargs)
+            else:
+                normalize_arguments(task.signature, task.name, args, kwargs)
+        except TypeError as exc:  # a TaskArgumentError naming the task
+            return str(exc)
+        return None
 
     def split(self) -> tuple[list[Schedule], list[Schedule]]:
         """Enabled schedules as (in-process, queued): the API processes run the first, the
@@ -151,7 +175,7 @@ class Periodic:
             self.dispatch,
             settings.scheduler_url,
             lease_ttl=settings.scheduler_lease,
-            prefix=INPROCESS_PREFIX if in_process else "taskbridge:",
+            prefix=settings.scheduler_prefix + (INPROCESS if in_process else ""),
         )
 
     async def dispatch(self, schedule: Schedule, slot: datetime) -> None:
@@ -191,6 +215,7 @@ class Periodic:
                 settings.scheduler_url,
                 deployment_id=settings.deployment_id,
                 window=settings.startup_window,
+                prefix=settings.scheduler_prefix,
             )
             if not won:
                 logger.info("on-startup call of %s: another process made it", call.name)

@@ -66,6 +66,9 @@ class TaskBridgeSettings(BaseSettings):
     scheduler_url: str | None = None
     """Redis URL where schedulers elect a leader and claim slots, so that any number of them
     (and of API processes running in-process schedules) run each slot once."""
+    scheduler_prefix: str = Field(default="taskbridge:", min_length=1)
+    """Prefix of the schedulers' keys at `scheduler_url` (their lease, slot claims, cursors,
+    on-startup claims): applications sharing one Redis for this give each its own."""
     scheduler_lease: float = Field(default=5.0, gt=0)
     """Seconds a scheduler's leadership lasts unless renewed: a standby takes over within it."""
     deployment_id: str | None = None

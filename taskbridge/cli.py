@@ -204,16 +204,25 @@ async def run_scheduler(bridge: TaskBridge, stop: asyncio.Event) -> None:
     It sends through backends of its own (a dispatcher on the bridge's registry), so that it
     can run on a thread next to a worker that uses the bridge's.
     """
+    from ._settings import env_name
+
     dispatcher = Dispatcher(bridge.registry)
     periodic = Periodic(bridge.registry, lambda: dispatcher)
     periodic.declared, periodic.startup = bridge.periodic.declared, bridge.periodic.startup
     await dispatcher.open()
     try:
         _, queued = periodic.split()
+        log = logging.getLogger("taskbridge.scheduler")
         if not queued:
-            logging.getLogger("taskbridge.scheduler").warning(
+            log.warning(
                 "no enabled schedule of a queued task: nothing to do (in-process tasks' "
                 "schedules run in the API processes)"
+            )
+        elif bridge.settings.scheduler_url is None:
+            log.warning(
+                "%s is not set: this scheduler assumes it runs alone, and another one would "
+                "dispatch the same slots again; set it to a Redis URL to run more than one",
+                env_name("scheduler_url"),
             )
         await periodic.scheduler(queued).run(stop)
     finally:
@@ -282,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("bridge", help="module:attribute of the TaskBridge (or the FastAPI app)")
     dev = commands.add_parser(
         "dev",
-        help="run the API (uvicorn --reload) and a worker per queue backend; Ctrl-C stops all",
+        help="run the API (uvicorn --reload), a worker per queue backend and, for queued tasks' "
+        "schedules, a scheduler; Ctrl-C stops all",
     )
     dev.add_argument("app", help="module:attribute of the FastAPI app")
     dev.add_argument("--host", default="127.0.0.1")

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,59 @@ def test_dev_shows_the_apps_own_log_lines(
     assert "debug lines stay hidden" not in dev.output
     dev.process.send_signal(signal.SIGINT)
     assert dev.process.wait(30) == 0, dev.output
+
+
+SCHEDULED_APP = """
+import os
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from taskbridge import TaskBridge, current_task
+
+bridge = TaskBridge()
+app = FastAPI(lifespan=bridge.lifespan)
+
+
+@bridge.task(backend="arq", schedule=1)
+def tick() -> None:
+    context = current_task()
+    assert context is not None and context.scheduled_at is not None
+    with open(Path(__file__).parent / "ticks.txt", "a") as file:
+        file.write(f"{os.getpid()} {context.scheduled_at.isoformat()}\\n")
+
+
+@bridge.task
+def local() -> None: ...
+"""
+
+
+def test_dev_runs_a_scheduler_when_queued_tasks_have_schedules(
+    spawn_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(ROOT))
+    from examples.quickstart import bridge
+    from taskbridge import TaskBridge
+    from taskbridge._dev import plan_scheduler
+
+    assert plan_scheduler(bridge) is False  # no schedule at all
+    in_process = TaskBridge()
+    in_process.task(schedule=5)(_port_free)
+    assert plan_scheduler(in_process) is False  # the API process runs those itself
+
+    (tmp_path / "schedapp.py").write_text(SCHEDULED_APP)
+    dev = spawn_worker(
+        ["dev", "schedapp:app", "--port", str(_free_port()), "--no-reload"], env=_clean_env()
+    )
+    dev.wait_for_output(r"started a throwaway Redis at redis://127\.0\.0\.1:\d+ for arq")
+    dev.wait_for_output(r"scheduler \| .*became leader|scheduler \| .*dispatched slot", 30)
+    ticks = tmp_path / "ticks.txt"
+    wait_until(
+        lambda: ticks.exists() and len(ticks.read_text().splitlines()) >= 3, 30, "3 slots to run"
+    )
+    slots = [datetime.fromisoformat(line.split()[1]) for line in ticks.read_text().splitlines()]
+    assert len(set(slots)) == len(slots), slots  # each slot once
+    # dispatched by the scheduler process, run by the ARQ worker
+    assert re.search(r"scheduler \| .*dispatched slot", dev.output), dev.output
+    dev.process.send_signal(signal.SIGINT)
+    assert dev.process.wait(60) == 0, dev.output

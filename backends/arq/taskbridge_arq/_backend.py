@@ -169,15 +169,15 @@ class ArqBackend(Backend):
         """
         if self._redis is not None:
             return
-        self._redis = self.connect(
-            max_connections=self.options.max_connections,
-            socket_timeout=self.options.socket_timeout,
-        )
+        # No per-command socket timeout (redis-py makes a task and a timer per command for it):
+        # dispatch is bounded by the dispatch timeout, every other call here by `_bounded`.
+        self._redis = self.connect(max_connections=self.options.max_connections)
         self._script = self._redis.register_script(ENQUEUE_SCRIPT)
         self._cancel_script = self._redis.register_script(CANCEL_SCRIPT)
         self._group = group_commit(self._run_script)
         try:
-            await self._redis.script_load(ENQUEUE_SCRIPT)
+            async with self._bounded():
+                await self._redis.script_load(ENQUEUE_SCRIPT)
         except (RedisError, OSError) as exc:
             logger.warning("%s", self._unavailable(exc, " at start-up"))
 
@@ -241,6 +241,11 @@ class ArqBackend(Backend):
             else:
                 logger.warning("ARQ job %s exists (queued or has a result); not enqueued", call.id)
 
+    def _bounded(self) -> asyncio.Timeout:
+        """A command's time limit (`socket_timeout`): a hung link fails it, as a socket timeout
+        would, at the cost of one timer for the whole call."""
+        return asyncio.timeout(self.options.socket_timeout)
+
     async def _run_script(self, keys: list[str], argv: list[Any]) -> list[bytes]:
         assert self._script is not None
         skipped: list[bytes] = await self._script(keys=keys, args=argv, client=self.redis)
@@ -251,7 +256,7 @@ class ArqBackend(Backend):
         await self.open()
         health_key = self.options.health_check_key or self.options.queue_name + ":health-check"
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self._bounded(), self.redis.pipeline(transaction=False) as pipe:
                 pipe.info("server")
                 pipe.zcard(self.options.queue_name)
                 pipe.get(health_key)
@@ -278,7 +283,8 @@ class ArqBackend(Backend):
     async def _snapshot(self, task_id: str) -> Snapshot:
         await self.open()
         try:
-            values = await self.redis.mget(read_keys(task_id))
+            async with self._bounded():
+                values = await self.redis.mget(read_keys(task_id))
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc, f" reading job {task_id}") from exc
         return Snapshot.parse(task_id, values)
@@ -315,25 +321,26 @@ class ArqBackend(Backend):
         keep = -1 if options.keep_result_forever else to_ms(options.keep_result)
         assert self._cancel_script is not None
         try:
-            raw = await self._cancel_script(
-                keys=[
-                    job_key_prefix + task_id,
-                    in_progress_key_prefix + task_id,
-                    result_key_prefix + task_id,
-                    retry_key_prefix + task_id,
-                    queue,
-                    abort_jobs_ss,
-                ],
-                args=[
-                    task_id,
-                    now,
-                    "0" if in_thread else "1",
-                    cancelled_result(snapshot, queue, now),
-                    keep,
-                    WAKE_CHANNEL_PREFIX + queue,
-                ],
-                client=self.redis,
-            )
+            async with self._bounded():
+                raw = await self._cancel_script(
+                    keys=[
+                        job_key_prefix + task_id,
+                        in_progress_key_prefix + task_id,
+                        result_key_prefix + task_id,
+                        retry_key_prefix + task_id,
+                        queue,
+                        abort_jobs_ss,
+                    ],
+                    args=[
+                        task_id,
+                        now,
+                        "0" if in_thread else "1",
+                        cancelled_result(snapshot, queue, now),
+                        keep,
+                        WAKE_CHANNEL_PREFIX + queue,
+                    ],
+                    client=self.redis,
+                )
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc, f" cancelling job {task_id}") from exc
         answer = raw.decode() if isinstance(raw, bytes) else str(raw)
