@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import keyword
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -295,9 +297,18 @@ def _adapter(task: Task[..., Any], receiver: Receiver) -> Any:
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         return _execute(self, task, runner_task, receiver, args, kwargs)
 
-    run.__name__ = run.__qualname__ = task.name.rpartition(".")[2] or task.name
+    run.__name__ = run.__qualname__ = _identifier(task.name)
     run.__doc__ = f"Runs the taskbridge task {task.name!r} through taskbridge's runner."
     return run
+
+
+def _identifier(task_name: str) -> str:
+    """A Python identifier for the Celery task function of `task_name`: Celery compiles a
+    function of that name (`head_from_fun`), which a name such as `reports-build` or
+    `<lambda>` would break at worker start with a bare SyntaxError."""
+    last = task_name.rpartition(".")[2] or task_name
+    name = re.sub(r"\W", "_", last)
+    return name if name.isidentifier() and not keyword.iskeyword(name) else f"task_{name}"
 
 
 def register_tasks(app: Celery, bridge: WorkerBridge, alias: str = "celery") -> None:

@@ -111,3 +111,23 @@ def test_whether_an_app_stores_results_is_read_from_its_settings() -> None:
     with_backend.conf.result_backend = "redis://127.0.0.1:1/9"
     assert _stores_results(without) is False
     assert _stores_results(with_backend) is True
+
+
+def test_task_names_celery_cannot_compile_as_functions_still_register() -> None:
+    # Celery compiles a function named after the task (head_from_fun): a name such as
+    # `reports-build` or a named lambda used to kill the worker at start with a SyntaxError.
+    from celery import Celery
+
+    from taskbridge import TaskBridge
+    from taskbridge_celery._worker import register_tasks
+
+    bridge = TaskBridge({"backends": {"celery": {"broker_url": "redis://127.0.0.1:1/9"}}})
+    bridge.task(name="reports-build", backend="celery")(lambda month: month)
+    bridge.task(name="billing.class", backend="celery")(lambda: None)
+    bridge.task(name="shout", backend="celery")(lambda text: text.upper())
+    app = Celery("names", set_as_current=False)
+    register_tasks(app, bridge)
+    assert {"reports-build", "billing.class", "shout"} <= set(app.tasks)
+    assert app.tasks["shout"].run.__name__ == "shout"
+    assert app.tasks["reports-build"].run.__name__ == "reports_build"
+    assert app.tasks["billing.class"].run.__name__ == "task_class"
