@@ -117,9 +117,9 @@ def test_task_names_celery_cannot_compile_as_functions_still_register() -> None:
     # Celery compiles a function named after the task (head_from_fun): a name such as
     # `reports-build` or a named lambda used to kill the worker at start with a SyntaxError.
     from celery import Celery
+    from taskbridge_celery._worker import register_tasks
 
     from taskbridge import TaskBridge
-    from taskbridge_celery._worker import register_tasks
 
     bridge = TaskBridge({"backends": {"celery": {"broker_url": "redis://127.0.0.1:1/9"}}})
     bridge.task(name="reports-build", backend="celery")(lambda month: month)
