@@ -31,6 +31,7 @@ from taskbridge import MessageError
 from taskbridge.backends import TaskErrorInfo, TaskStatus, decode_json, encode_json, timestamp
 
 from ._dispatch import JOB_FIELD, POLICY_KWARG
+from ._serializer import restore_times
 
 __all__ = [
     "CANCELLED_BEFORE_RETRY",
@@ -232,6 +233,7 @@ def _finished(raw: bytes) -> dict[str, Any]:
             "error": TaskErrorInfo(type="taskbridge.MessageError", message=str(exc)),
         }
     assert result is not None
+    restore_times(result)
     name, tries = result.get("f"), result.get("t")
     attempts = tries if type(tries) is int else 0
     fields: dict[str, Any] = {

@@ -198,3 +198,30 @@ def test_a_pickled_job_is_refused_without_being_unpickled(tmp_path: Path) -> Non
 def test_payloads_that_are_not_json_jobs_are_refused(payload: bytes, problem: str) -> None:
     with pytest.raises(MessageError, match=re.escape(problem)):
         deserialize(payload)
+
+
+def test_a_result_stores_its_times_as_offsets_and_arq_reads_them_back() -> None:
+    from arq.jobs import deserialize_result, serialize_result
+    from taskbridge_arq import deserialize, serialize
+
+    stored = serialize_result(
+        "tb.record",
+        (1,),
+        {},
+        1,
+        1764517890000,
+        True,
+        None,
+        1764517890123,
+        1764517890125,
+        "job-1:tb.record",
+        "arq:q",
+        "job-1",
+        serializer=serialize,
+    )
+    assert stored is not None
+    assert b'"sa":123' in stored and b'"fa":2' in stored and b'"st"' not in stored
+    result = deserialize_result(stored, deserializer=deserialize)
+    assert result.start_time.timestamp() * 1000 == 1764517890123
+    assert result.finish_time.timestamp() * 1000 == 1764517890125
+    assert result.enqueue_time.timestamp() * 1000 == 1764517890000
