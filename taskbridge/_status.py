@@ -14,7 +14,6 @@ __all__ = [
     "TERMINAL_STATES",
     "CancelResult",
     "MemoryStatusStore",
-    "StatusRecord",
     "TaskErrorInfo",
     "TaskState",
     "TaskStatus",
@@ -68,64 +67,37 @@ class CancelResult(BaseModel):
     detail: str = Field(description="What happened, or why the call could not be stopped")
 
 
-class StatusRecord:
-    """What the in-process store keeps of one call: plain attributes, written in place by the
-    runner's reporter (no model is built until someone asks)."""
+# A call's record is a plain tuple of these fields, replaced whole on each change: a tuple of
+# strings and numbers is untracked by the garbage collector, so a store of 100,000 finished
+# calls costs a full collection nothing (objects with attributes would be traversed by every
+# one of them, and the store would make collections frequent).
+_FIELDS = (
+    "task_name",
+    "backend",
+    "state",
+    "attempts",
+    "progress",
+    "progress_message",
+    "enqueued_at",
+    "started_at",
+    "finished_at",
+    "result",
+    "error",
+)
+_INDEX = {name: i for i, name in enumerate(_FIELDS)}
+_STATE, _ATTEMPTS, _PROGRESS, _STARTED, _FINISHED, _RESULT, _ERROR = (
+    _INDEX[name]
+    for name in ("state", "attempts", "progress", "started_at", "finished_at", "result", "error")
+)
+_TOUCHED = len(_FIELDS)
+"""Monotonic time of the record's last change."""
+_PLACED = _TOUCHED + 1
+"""Monotonic time the record took its place in the store's order."""
+Record = tuple[Any, ...]
 
-    __slots__ = (
-        "attempts",
-        "backend",
-        "cancel_requested",
-        "enqueued_at",
-        "error",
-        "finished_at",
-        "placed",
-        "progress",
-        "progress_message",
-        "result",
-        "runner",
-        "started_at",
-        "state",
-        "task_name",
-        "touched",
-    )
 
-    def __init__(self, now: float) -> None:
-        self.task_name: str | None = None
-        self.backend: str | None = None
-        self.state: TaskState = "queued"
-        self.attempts = 0
-        self.progress: float | None = None
-        self.progress_message: str | None = None
-        self.enqueued_at: float | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.result: Any = None
-        self.error: TaskErrorInfo | None = None
-        self.touched = now
-        """Monotonic time of the last update."""
-        self.runner: asyncio.Task[Any] | None = None
-        """The asyncio task running the call, while it can be cancelled."""
-        self.cancel_requested = False
-        self.placed = now
-        """Monotonic time the record took its place in the store's order."""
-
-    def status(self, task_id: str) -> TaskStatus:
-        """The record as the API's TaskStatus."""
-        return TaskStatus(
-            id=task_id,
-            task_name=self.task_name,
-            backend=self.backend,
-            state=self.state,
-            attempts=self.attempts,
-            progress=self.progress,
-            progress_message=self.progress_message,
-            enqueued_at=timestamp(self.enqueued_at),
-            started_at=timestamp(self.started_at),
-            finished_at=timestamp(self.finished_at),
-            result=self.result,
-            error=self.error,
-        )
+def _new(task_name: str | None, backend: str | None, now: float) -> Record:
+    return (task_name, backend, "queued", 0, None, None, None, None, None, None, None, now, now)
 
 
 class MemoryStatusStore:
@@ -139,24 +111,65 @@ class MemoryStatusStore:
     the default cap of 100,000 entries holds at most about 80 MB: one hour of history up to
     ~28 calls/s, 11 minutes at 150 calls/s.
 
-    Each call is a `StatusRecord` whose attributes the reporter writes in place: O(1), no lock,
-    nothing built per write. Records stay in the order they were placed; expired ones are
-    dropped from the front at most once a second, and a record updated since it was placed
-    (a long call) is placed again at the back instead: nothing is scanned, each record moves
-    at most once per `ttl`.
+    Each call is a tuple of plain values, replaced whole by each change (see `_FIELDS`): O(1),
+    nothing built per write but the tuple, and nothing for the garbage collector to traverse.
+    Records stay in the order they were placed; expired ones are dropped from the front at most
+    once a second, and a record updated since it was placed (a long call) is placed again at
+    the back instead: nothing is scanned, each record moves at most once per `ttl`.
     """
 
     def __init__(self, max_entries: int = 100_000, ttl: float = 3600.0) -> None:
         self.max_entries = max_entries
         self.ttl = ttl
-        self._records: dict[str, StatusRecord] = {}
+        self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
         self._next_sweep = 0.0
+        self.runners: dict[str, asyncio.Task[Any]] = {}
+        """The asyncio tasks running cancellable in-process calls, by call id."""
+        self.cancel_requested: set[str] = set()
+        """Ids of running calls whose cancellation was asked for."""
 
-    def add(self, task_id: str) -> StatusRecord:
-        """A new record for `task_id` (replacing any), placed last."""
+    # -- writes (the runner's reporter) ---------------------------------------------------
+
+    def queued(self, task_id: str, task_name: str, backend: str, enqueued_at: float | None) -> None:
+        """Record a new call, queued, placed last."""
         now = time.monotonic()
-        record = StatusRecord(now)
+        record = _new(task_name, backend, now)
+        record = (*record[:6], enqueued_at, *record[7:])
+        self._place(task_id, record, now)
+
+    def change(
+        self, task_id: str, task_name: str | None, backend: str | None, **fields: Any
+    ) -> None:
+        """Set `fields` (TaskStatus names) of `task_id`'s record, recording it again (with its
+        task and backend) if the store dropped it meanwhile."""
+        record = self._records.get(task_id)
+        now = time.monotonic()
+        if record is None:
+            self._place(task_id, _new(task_name, backend, now), now)
+            record = self._records[task_id]
+        values = list(record)
+        for name, value in fields.items():
+            values[_INDEX[name]] = value
+        values[_TOUCHED] = now
+        self._records[task_id] = tuple(values)
+        if now >= self._next_sweep:
+            with self._lock:
+                self._sweep(now)
+
+    def update(self, task_id: str, **fields: Any) -> None:
+        """Set `fields` (TaskStatus field names; times as epoch seconds) on `task_id`'s record,
+        creating it."""
+        if task_id not in self._records:
+            now = time.monotonic()
+            values = list(_new(None, None, now))
+            for name, value in fields.items():
+                values[_INDEX[name]] = value
+            self._place(task_id, tuple(values), now)
+            return
+        self.change(task_id, None, None, **fields)
+
+    def _place(self, task_id: str, record: Record, now: float) -> None:
         with self._lock:
             records = self._records
             records.pop(task_id, None)
@@ -165,34 +178,25 @@ class MemoryStatusStore:
                 self._evict(now)
             if now >= self._next_sweep:
                 self._sweep(now)
-        return record
 
-    def record(self, task_id: str) -> StatusRecord | None:
-        """The live record of `task_id` (to write to), or None."""
-        return self._records.get(task_id)
+    # -- reads ----------------------------------------------------------------------------
+
+    def state(self, task_id: str) -> str | None:
+        """The recorded state of `task_id` (None when not recorded)."""
+        record = self._records.get(task_id)
+        return None if record is None else str(record[_STATE])
 
     def get(self, task_id: str) -> TaskStatus | None:
         """The status of `task_id`, or None when unknown or expired."""
         record = self._records.get(task_id)
-        if record is None or time.monotonic() - record.touched > self.ttl:
+        if record is None or time.monotonic() - record[_TOUCHED] > self.ttl:
             return None
-        return record.status(task_id)
+        fields = dict(zip(_FIELDS, record, strict=False))
+        for name in ("enqueued_at", "started_at", "finished_at"):
+            fields[name] = timestamp(fields[name])
+        return TaskStatus(id=task_id, **fields)
 
-    def update(self, task_id: str, **fields: Any) -> None:
-        """Set `fields` (TaskStatus field names; times as epoch seconds) on `task_id`'s record,
-        creating it."""
-        record = self._records.get(task_id)
-        created = record is None
-        if record is None:
-            record = self.add(task_id)
-        for name, value in fields.items():
-            setattr(record, name, value)
-        record.touched = now = time.monotonic()
-        if created:
-            record.placed = now
-        if now >= self._next_sweep:
-            with self._lock:
-                self._sweep(now)
+    # -- bounds ---------------------------------------------------------------------------
 
     def _evict(self, now: float) -> None:
         """Drop the least recently updated record; under the lock."""
@@ -200,10 +204,9 @@ class MemoryStatusStore:
         for _ in range(len(records) + 1):  # each moves at most once
             task_id, first = next(iter(records.items()))
             del records[task_id]
-            if first.touched <= first.placed:
+            if first[_TOUCHED] <= first[_PLACED]:
                 return
-            first.placed = now  # updated since it was placed: a second chance, at the back
-            records[task_id] = first
+            records[task_id] = (*first[:_PLACED], now)  # updated since placed: a second chance
 
     def _sweep(self, now: float) -> None:
         """Drop expired records from the front; under the lock."""
@@ -211,12 +214,11 @@ class MemoryStatusStore:
         records, oldest = self._records, now - self.ttl
         while records:
             task_id, first = next(iter(records.items()))
-            if first.placed > oldest:
+            if first[_PLACED] > oldest:
                 return  # placed within the ttl, and so is everything after it
             del records[task_id]
-            if first.touched > oldest:  # updated since: kept, placed again at the back
-                first.placed = now
-                records[task_id] = first
+            if first[_TOUCHED] > oldest:  # updated since: kept, placed again at the back
+                records[task_id] = (*first[:_PLACED], now)
 
     def __len__(self) -> int:
         return len(self._records)

@@ -18,7 +18,6 @@ from .._runner import Outcome, TaskContext, run, run_with_retries
 from .._status import (
     CancelResult,
     MemoryStatusStore,
-    StatusRecord,
     TaskErrorInfo,
     TaskStatus,
     timestamp,
@@ -57,63 +56,67 @@ def error_info(error: BaseException) -> TaskErrorInfo:
 
 
 class MemoryReporter:
-    """Records attempts of in-process calls in the bridge's MemoryStatusStore (each write sets
-    plain attributes of the call's record)."""
+    """Records attempts of in-process calls in the bridge's MemoryStatusStore."""
 
     def __init__(self, store: MemoryStatusStore) -> None:
         self.store = store
 
-    def queued(self, call: TaskCall) -> StatusRecord:
-        record = self.store.add(call.id)
-        record.task_name = call.task.name
-        record.backend = call.policy.backend
-        record.enqueued_at = call.enqueued_at
-        return record
-
-    def _record(self, context: TaskContext) -> StatusRecord:
-        record = self.store.record(context.id)
-        if record is None:  # dropped from the store (its cap) while waiting: recorded again
-            record = self.store.add(context.id)
-            record.task_name, record.backend = context.name, context.backend
-        return record
+    def queued(self, call: TaskCall) -> None:
+        self.store.queued(call.id, call.task.name, call.policy.backend, call.enqueued_at)
 
     def started(self, context: TaskContext) -> None:
-        record = self._record(context)
-        record.state = "running"
-        record.attempts = context.attempt
-        record.started_at = time.time()
-        record.touched = time.monotonic()
+        self.store.change(
+            context.id,
+            context.name,
+            context.backend,
+            state="running",
+            attempts=context.attempt,
+            started_at=time.time(),
+        )
 
     def progress(self, context: TaskContext, fraction: float, message: str | None) -> None:
-        record = self._record(context)
-        record.progress, record.progress_message = fraction, message
-        record.touched = time.monotonic()
+        self.store.change(
+            context.id, context.name, context.backend, progress=fraction, progress_message=message
+        )
 
     def finished(self, context: TaskContext, outcome: Outcome) -> None:
-        record = self._record(context)
+        store = self.store
         if outcome.state == "succeeded":
-            record.state = "succeeded"
-            record.result = _json_or_repr(outcome.value)
-            record.error = None
-            record.finished_at = time.time()
+            store.change(
+                context.id,
+                context.name,
+                context.backend,
+                state="succeeded",
+                result=_json_or_repr(outcome.value),
+                error=None,
+                finished_at=time.time(),
+            )
         elif outcome.state == "retry":
             assert outcome.error is not None
-            record.state = "retrying"
-            record.error = error_info(outcome.error)
+            store.change(
+                context.id,
+                context.name,
+                context.backend,
+                state="retrying",
+                error=error_info(outcome.error),
+            )
         else:
             assert outcome.error is not None
-            record.state = "failed"
-            record.error = error_info(outcome.error)
-            record.finished_at = time.time()
-        record.touched = time.monotonic()
+            store.change(
+                context.id,
+                context.name,
+                context.backend,
+                state="failed",
+                error=error_info(outcome.error),
+                finished_at=time.time(),
+            )
 
     def cancelled(self, task_id: str) -> None:
         self.store.update(task_id, state="cancelled", finished_at=time.time())
 
     def state(self, task_id: str) -> str | None:
         """The recorded state of `task_id` (None when not recorded)."""
-        record = self.store.record(task_id)
-        return None if record is None else record.state
+        return self.store.state(task_id)
 
 
 class KeyGuard:
@@ -146,17 +149,19 @@ async def run_in_process(
     A call cancelled before it starts does not run; a running `async def` call (or one waiting
     for its delay) is cancelled through the asyncio task its record names.
     """
-    record = reporter.store.record(call.id)
-    if record is not None:
-        if record.state == "cancelled":
-            return
-        if call.task.is_async or call.policy.delay:
-            record.runner = asyncio.current_task()
+    store = reporter.store
+    if store.state(call.id) == "cancelled":
+        return
+    cancellable = call.task.is_async or bool(call.policy.delay)
+    if cancellable:
+        current = asyncio.current_task()
+        assert current is not None
+        store.runners[call.id] = current
     try:
         if call.policy.delay:
             await asyncio.sleep(call.policy.delay)
-            if record is not None and not call.task.is_async:
-                record.runner = None  # a def task cannot be interrupted once it runs
+            if not call.task.is_async:
+                store.runners.pop(call.id, None)  # a def task cannot be interrupted once it runs
         # one attempt, as most calls are: no retry loop around it
         execute = run if not call.policy.retries else run_with_retries
         outcome = await execute(
@@ -171,15 +176,16 @@ async def run_in_process(
         if on_failure is not None and outcome.error is not None:
             on_failure(outcome.error)
     except asyncio.CancelledError:
-        if record is None or not record.cancel_requested:
+        if call.id not in store.cancel_requested:
             raise
-        current = asyncio.current_task()
-        assert current is not None
-        current.uncancel()
+        running = asyncio.current_task()
+        assert running is not None
+        running.uncancel()
         reporter.cancelled(call.id)
     finally:
-        if record is not None:
-            record.runner = None
+        if cancellable:
+            store.runners.pop(call.id, None)
+            store.cancel_requested.discard(call.id)
 
 
 class _InRequest(BackgroundTask):
@@ -193,12 +199,19 @@ class _InRequest(BackgroundTask):
         reporter: MemoryReporter,
         on_failure: Callable[[BaseException], None] | None,
     ) -> None:
+        self._run: tuple[TaskCall, MemoryReporter, Callable[[BaseException], None] | None] | None
         self._run = (call, reporter, on_failure)
         # BackgroundTask's own attributes, for code that looks at a request's tasks
         vars(self).update(func=run_in_process, args=self._run, kwargs={}, is_async=True)
 
     async def __call__(self) -> None:
-        await run_in_process(*self._run)
+        # Let go of the call (and of the request's TaskQueue, through `on_failure`) before
+        # running it: the request's objects are then freed by reference counting, not left in
+        # a cycle for the garbage collector, which would run far more often.
+        run, self._run = self._run, None
+        vars(self)["args"] = ()
+        assert run is not None, "a request's background task runs once"
+        await run_in_process(*run)
 
 
 _spawned: set[asyncio.Task[None]] = set()
@@ -253,15 +266,15 @@ class _StoreBackend(Backend):
             return CancelResult(
                 id=task_id, cancelled=False, state=known.state, detail=f"already {known.state}"
             )
-        record = self.reporter.store.record(task_id)
-        running = None if record is None else record.runner
+        store = self.reporter.store
+        running = store.runners.get(task_id)
         if known.state == "queued" and running is None:
             self.reporter.cancelled(task_id)
             return CancelResult(
                 id=task_id, cancelled=True, state="cancelled", detail="cancelled before it started"
             )
-        if running is not None and record is not None:
-            record.cancel_requested = True
+        if running is not None:
+            store.cancel_requested.add(task_id)
             running.cancel()
             return CancelResult(
                 id=task_id, cancelled=True, state="cancelled", detail="cancelled while running"
