@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .config import ENGINES, Config
 from .context import DEFAULT_CONNECTIONS, Run
-from .infra import ROOT, LoadGen, Proc, amqp_problem, check_redis_url
+from .infra import ROOT, LoadGen, Proc, amqp_problem, check_redis_url, scrub
 from .results import Results, log
 from .sections import section_enqueue, section_http, section_isolation
 from .workers import section_workers
@@ -315,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         results.meta["duration_s"] = round(time.monotonic() - started, 1)
         results.meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results.as_json(), indent=1) + "\n")
+        (args.out / "results.json").write_text(
+            scrub(json.dumps(results.as_json(), indent=1)) + "\n"
+        )
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

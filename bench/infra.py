@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -255,3 +256,13 @@ def uvicorn(name: str, app: str, env: dict[str, str], logdir: Path) -> tuple[Pro
     proc = Proc(name, argv, env, logdir / f"{name}.log")
     wait_for(lambda: port_open(port), 30, f"{name} on port {port}", proc)
     return proc, port
+
+
+_LIB = re.compile(r"(?:/[^\s()\"',]+)?/(site-packages|lib/python3\.\d+)/")
+
+
+def scrub(text: str) -> str:
+    """`text` without this machine's paths: the checkout becomes relative, Python's library and
+    site-packages directories become `<lib/python3.x>/` and `<site-packages>/`."""
+    text = text.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
+    return _LIB.sub(lambda m: f"<{m.group(1)}>/", text)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import Run
-from .infra import ROOT, Proc, cpu_seconds, wait_for
+from .infra import ROOT, Proc, cpu_seconds, scrub, wait_for
 from .results import log
 
 RATE = 400
@@ -88,7 +88,7 @@ def profile_endpoint(
         reference_cpu_us=reference_us,
     )
     run.args.out.mkdir(parents=True, exist_ok=True)
-    (run.args.out / filename).write_text("\n".join(render(summary)) + "\n")
+    (run.args.out / filename).write_text(scrub("\n".join(render(summary))) + "\n")
     log(
         f"profile: {summary['samples']} samples, {cpu_us:.0f} µs CPU/request while sampled; "
         f"wrote {filename}"
