@@ -52,6 +52,13 @@ class Periodic:
         self.declared: dict[str, Schedule] = {}
         self.startup: dict[str, StartupCall] = {}
 
+    def sending_through(self, dispatcher: Dispatcher) -> Periodic:
+        """The same schedules and on-startup calls, dispatched through `dispatcher` (backends of
+        its own, e.g. a scheduler thread next to a worker)."""
+        other = Periodic(self.registry, lambda: dispatcher)
+        other.declared, other.startup = self.declared, self.startup
+        return other
+
     # -- declaring ------------------------------------------------------------------------
 
     def add(

@@ -96,8 +96,24 @@ _PLACED = _TOUCHED + 1
 Record = tuple[Any, ...]
 
 
-def _new(task_name: str | None, backend: str | None, now: float) -> Record:
-    return (task_name, backend, "queued", 0, None, None, None, None, None, None, None, now, now)
+def _new(
+    task_name: str | None, backend: str | None, now: float, enqueued_at: float | None = None
+) -> Record:
+    return (
+        task_name,
+        backend,
+        "queued",
+        0,
+        None,
+        None,
+        enqueued_at,
+        None,
+        None,
+        None,
+        None,
+        now,
+        now,
+    )
 
 
 class MemoryStatusStore:
@@ -134,9 +150,7 @@ class MemoryStatusStore:
     def queued(self, task_id: str, task_name: str, backend: str, enqueued_at: float | None) -> None:
         """Record a new call, queued, placed last."""
         now = time.monotonic()
-        record = _new(task_name, backend, now)
-        record = (*record[:6], enqueued_at, *record[7:])
-        self._place(task_id, record, now)
+        self._place(task_id, _new(task_name, backend, now, enqueued_at), now)
 
     def change(
         self, task_id: str, task_name: str | None, backend: str | None, **fields: Any

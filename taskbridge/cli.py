@@ -18,7 +18,6 @@ from typing import Any
 from ._bridge import TaskBridge
 from ._dispatch import Dispatcher
 from ._exceptions import ConfigurationError, TaskBridgeError
-from ._periodic import Periodic
 from ._policy import POLICY_FIELDS, Policy
 
 __all__ = ["check_bridge", "describe_tasks", "load_bridge", "main"]
@@ -207,8 +206,7 @@ async def run_scheduler(bridge: TaskBridge, stop: asyncio.Event) -> None:
     from ._settings import env_name
 
     dispatcher = Dispatcher(bridge.registry)
-    periodic = Periodic(bridge.registry, lambda: dispatcher)
-    periodic.declared, periodic.startup = bridge.periodic.declared, bridge.periodic.startup
+    periodic = bridge.periodic.sending_through(dispatcher)
     await dispatcher.open()
     try:
         _, queued = periodic.split()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.command import run_taskbridge
 
 APP = """
 from fastapi import FastAPI
@@ -25,16 +25,7 @@ bridge.attach(app)
 
 
 def taskbridge(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "myapp.py").write_text(APP)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TASKBRIDGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "taskbridge.cli", *args],
-        cwd=tmp_path,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_taskbridge(tmp_path, {"myapp": APP}, *args, **env)
 
 
 def test_tasks_lists_effective_routing_and_where_it_came_from(tmp_path: Path) -> None:

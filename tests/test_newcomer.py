@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from taskbridge import TaskArgumentError, TaskBridge, Tasks
 from taskbridge.backends._builtin import RecordingBackend
+from tests.command import run_taskbridge
 
 QUEUED_APP = """
 from fastapi import FastAPI
@@ -37,16 +37,7 @@ app = FastAPI(lifespan=bridge.lifespan)
 
 
 def run_cli(tmp_path: Path, app: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "newapp.py").write_text(app)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TASKBRIDGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "taskbridge.cli", *args],
-        cwd=tmp_path,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_taskbridge(tmp_path, {"newapp": app}, *args, **env)
 
 
 def test_every_start_up_problem_is_reported_at_once(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,6 +20,7 @@ import redis
 from conftest import WorkerProcess, wait_until
 from taskbridge import ConfigurationError, TaskBridge
 from taskbridge._schedule import Schedule
+from tests.command import run_taskbridge
 
 
 def test_the_decorator_bridge_schedule_and_on_startup_declare_schedules_and_calls() -> None:
@@ -202,19 +201,16 @@ bridge.schedule(heartbeat, 60, name="slow")
 
 
 def test_taskbridge_tasks_lists_schedules_with_their_next_run(tmp_path: Path) -> None:
-    (tmp_path / "tasksapp.py").write_text(TASKS_APP)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBRIDGE_")}
-    env["TASKBRIDGE_SCHEDULES"] = json.dumps(
+    schedules = json.dumps(
         {"slow": {"enabled": False}, "extra": {"task": "tasksapp.heartbeat", "every": 3600}}
     )
     before = datetime.now(UTC)
-    result = subprocess.run(
-        [sys.executable, "-m", "taskbridge.cli", "tasks", "tasksapp:bridge"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_taskbridge(
+        tmp_path,
+        {"tasksapp": TASKS_APP},
+        "tasks",
+        "tasksapp:bridge",
+        TASKBRIDGE_SCHEDULES=schedules,
     )
     after = datetime.now(UTC)
     assert result.returncode == 0, result.stderr

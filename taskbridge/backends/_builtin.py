@@ -114,10 +114,6 @@ class MemoryReporter:
     def cancelled(self, task_id: str) -> None:
         self.store.update(task_id, state="cancelled", finished_at=time.time())
 
-    def state(self, task_id: str) -> str | None:
-        """The recorded state of `task_id` (None when not recorded)."""
-        return self.store.state(task_id)
-
 
 class KeyGuard:
     """Remembers idempotency-keyed call ids for their key_ttl, in this process."""
