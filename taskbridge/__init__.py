@@ -11,6 +11,7 @@ from ._exceptions import (
     TaskBridgeError,
     TaskCancelled,
     TaskFailed,
+    TaskNotRetryable,
     UnknownBackendError,
     UnknownTaskError,
 )
@@ -19,7 +20,7 @@ from ._handle import TaskHandle
 from ._policy import Policy
 from ._runner import TaskContext, current_task, report_progress
 from ._settings import TaskBridgeSettings
-from ._status import CancelResult, TaskState, TaskStatus
+from ._status import CancelResult, TaskPage, TaskState, TaskStats, TaskStatus
 from ._task import Task
 
 __all__ = [
@@ -39,8 +40,11 @@ __all__ = [
     "TaskContext",
     "TaskFailed",
     "TaskHandle",
+    "TaskNotRetryable",
+    "TaskPage",
     "TaskQueue",
     "TaskState",
+    "TaskStats",
     "TaskStatus",
     "Tasks",
     "UnknownBackendError",

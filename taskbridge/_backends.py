@@ -9,6 +9,7 @@ string (`package.module:Class`) in the alias's `engine` option.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import difflib
 import importlib
 from abc import ABC, abstractmethod
@@ -21,10 +22,11 @@ from fastapi import BackgroundTasks
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ._exceptions import ConfigurationError, UnknownBackendError
+from ._ledger import CallIndex
 from ._policy import Policy, ResolvedPolicy
 from ._settings import TaskBridgeSettings, env_name
 from ._signing import Signer
-from ._status import CancelResult, TaskStatus
+from ._status import CancelResult, KeptCall, TaskStatus
 from ._task import Hooks, Task, TaskCall
 
 __all__ = [
@@ -191,6 +193,22 @@ class Backend(ABC):
 
     async def status(self, task_id: str) -> TaskStatus | None:
         """What the engine knows of `task_id`, or None when it knows nothing of it."""
+        return None
+
+    async def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        """`status` of each of `task_ids`, in order (backends override it to read them in one
+        round trip: a page of `GET /tasks` reads 50)."""
+        return list(await asyncio.gather(*(self.status(task_id) for task_id in task_ids)))
+
+    @property
+    def index(self) -> CallIndex | None:
+        """Lists this backend's calls and watches them change (`GET /tasks`, `/tasks/stats`,
+        `/tasks/{id}/events`), once open; None for a backend that keeps no index."""
+        return None
+
+    async def kept_call(self, task_id: str) -> KeptCall | None:
+        """The task and arguments of a failed or cancelled call, when the backend kept them
+        (so `POST /tasks/{id}/retry` can run it again); None otherwise."""
         return None
 
     async def cancel(self, task_id: str) -> CancelResult:

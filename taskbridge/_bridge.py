@@ -4,6 +4,7 @@ dispatcher), answers status and cancellation, and fits into the app's lifespan."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -12,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from fastapi import APIRouter, FastAPI
 
 from ._backends import Backend
+from ._calls import call_stats, list_calls, retry_call
 from ._dispatch import Dispatcher
 from ._exceptions import BridgeNotFoundError
 from ._handle import TaskHandle
@@ -21,7 +23,7 @@ from ._registry import Registry, default_name
 from ._schedule import MissedPolicy, Schedule
 from ._settings import TaskBridgeSettings
 from ._signing import Signer
-from ._status import CancelResult, TaskStatus
+from ._status import CancelResult, TaskPage, TaskStats, TaskStatus
 from ._task import HookRegistry, Hooks, Task, TaskCall
 
 __all__ = ["STATE_KEY", "TaskBridge"]
@@ -312,6 +314,50 @@ class TaskBridge(HookRegistry):
             id=handle.id, cancelled=False, state="unknown", detail="no backend knows this call"
         )
 
+    # -- many calls -----------------------------------------------------------------------
+
+    async def list_calls(
+        self,
+        *,
+        state: str | None = None,
+        task: str | None = None,
+        backend: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Calls newest first, across every backend that keeps an index (the body of
+        `GET /tasks`); pass a page's `next` as `cursor` for the page after it."""
+        await self.open()
+        return await list_calls(
+            self.dispatcher.backends.values(),
+            state=state,
+            task=task,
+            backend=backend,
+            limit=limit,
+            cursor=cursor,
+        )
+
+    async def stats(self) -> TaskStats:
+        """Calls per state and per task and state (the body of `GET /tasks/stats`)."""
+        await self.open()
+        return await call_stats(self.dispatcher.backends.values())
+
+    async def retry(self, task_id: str) -> TaskHandle:
+        """Run a failed or cancelled call again with its kept arguments; the new call has its
+        own id and `retry_of=task_id`. TaskNotRetryable says why a call cannot be retried."""
+        await self.open()
+        return await retry_call(self, task_id)
+
+    def watch(
+        self, task_id: str, backend: str | None
+    ) -> contextlib.AbstractAsyncContextManager[asyncio.Event] | None:
+        """An event set whenever `task_id` (kept by `backend`) may have changed; None when the
+        backend keeps no index to watch."""
+        if backend is None:
+            return None
+        index = self.dispatcher.backend(backend).index
+        return None if index is None else index.watch(task_id)
+
     def router(self, **options: Any) -> APIRouter:
         """An APIRouter with `GET /tasks/{task_id}` and `DELETE /tasks/{task_id}`.
 
@@ -321,6 +367,13 @@ class TaskBridge(HookRegistry):
         from ._router import build_router
 
         return build_router(self, **options)
+
+    def dashboard(self, **options: Any) -> APIRouter:
+        """An APIRouter serving the dashboard page and the API it uses (`prefix` defaults to
+        "/taskbridge"); keyword arguments go to APIRouter, e.g. `dependencies=[...]`."""
+        from ._dashboard import build_dashboard
+
+        return build_dashboard(self, **options)
 
     # -- FastAPI --------------------------------------------------------------------------
 

@@ -143,3 +143,13 @@ class BackendUnavailable(BackendError, HTTPException):
 
     def __repr__(self) -> str:
         return f"BackendUnavailable({self.message!r}, backend={self.backend!r})"
+
+
+class TaskNotRetryable(TaskBridgeError):
+    """`retry` was asked of a call that cannot be run again: it did not fail and was not
+    cancelled, its arguments were not kept, or its task is not registered here (the message
+    says which); the router answers 409 with it."""
+
+    def __init__(self, message: str, task_id: str | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -13,9 +14,12 @@ from pydantic import BaseModel, Field
 __all__ = [
     "TERMINAL_STATES",
     "CancelResult",
+    "KeptCall",
     "MemoryStatusStore",
     "TaskErrorInfo",
+    "TaskPage",
     "TaskState",
+    "TaskStats",
     "TaskStatus",
     "timestamp",
 ]
@@ -34,6 +38,9 @@ class TaskErrorInfo(BaseModel):
 
     type: str = Field(description="Qualified name of the exception class")
     message: str = Field(description="str() of the exception")
+    traceback: str | None = Field(
+        default=None, description="The formatted traceback, where the backend keeps it"
+    )
 
 
 class TaskStatus(BaseModel):
@@ -51,11 +58,47 @@ class TaskStatus(BaseModel):
     finished_at: datetime | None = None
     result: Any = Field(default=None, description="The return value, once succeeded (JSON)")
     error: TaskErrorInfo | None = None
+    retry_of: str | None = Field(
+        default=None, description="The id of the failed or cancelled call this one re-runs"
+    )
+    args: list[Any] | None = Field(
+        default=None, description="Positional arguments (JSON), where the backend keeps them"
+    )
+    kwargs: dict[str, Any] | None = Field(
+        default=None, description="Keyword arguments (JSON), where the backend keeps them"
+    )
 
     @property
     def done(self) -> bool:
         """Whether the call has settled (succeeded, failed or cancelled)."""
         return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class KeptCall:
+    """What a backend kept of a call to run it again (`POST /tasks/{id}/retry`)."""
+
+    task_name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class TaskPage(BaseModel):
+    """A page of calls, newest first (the body of `GET /tasks`)."""
+
+    items: list[TaskStatus]
+    next: str | None = Field(
+        description="Pass as `cursor` for the next page; null when there is none"
+    )
+
+
+class TaskStats(BaseModel):
+    """How many calls the backends know, per state and per task (the body of
+    `GET /tasks/stats`): the calls they index, within their status lifetimes."""
+
+    total: int
+    states: dict[str, int]
+    tasks: dict[str, dict[str, int]]
 
 
 class CancelResult(BaseModel):

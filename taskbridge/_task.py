@@ -153,6 +153,8 @@ class TaskCall:
     trace: dict[str, str] | None = None
     """The dispatcher's OpenTelemetry context (W3C headers) when it was tracing; backends carry
     it with the message and give it back to the runner."""
+    retry_of: str | None = None
+    """The id of the failed or cancelled call this one re-runs (`POST /tasks/{id}/retry`)."""
 
     @property
     def name(self) -> str:

@@ -22,6 +22,19 @@ from .._codec import decode_json, encode_json, normalize_arguments
 from .._deadline import dispatch_deadline
 from .._health import ConnectionState
 from .._inbound import Envelope, ReadyCall, Receiver
+from .._ledger import (
+    ADD_SCRIPT,
+    MOVE_SCRIPT,
+    CallIndex,
+    Counts,
+    Cursor,
+    IndexEntry,
+    IndexPage,
+    RedisIndex,
+    Watchers,
+    add_args,
+    move_args,
+)
 from .._policy import Policy, execution_fields, with_execution_fields
 from .._runner import (
     Outcome,
@@ -33,20 +46,29 @@ from .._runner import (
     run_with_retries,
 )
 from .._signing import Signer
-from .._status import CancelResult, TaskErrorInfo, TaskStatus, timestamp
+from .._status import CancelResult, KeptCall, TaskErrorInfo, TaskStatus, timestamp
 from .._task import Task, TaskCall
 
 __all__ = [
+    "ADD_SCRIPT",
+    "MOVE_SCRIPT",
     "Backend",
     "BackendOptions",
+    "CallIndex",
     "CancelResult",
     "ConnectionState",
+    "Counts",
+    "Cursor",
     "Envelope",
     "GroupCommit",
+    "IndexEntry",
+    "IndexPage",
+    "KeptCall",
     "Outcome",
     "Policy",
     "ReadyCall",
     "Receiver",
+    "RedisIndex",
     "Signer",
     "StatusReporter",
     "Task",
@@ -54,7 +76,9 @@ __all__ = [
     "TaskContext",
     "TaskErrorInfo",
     "TaskStatus",
+    "Watchers",
     "WorkerBridge",
+    "add_args",
     "close_thread_loop",
     "decode_json",
     "dispatch_deadline",
@@ -62,6 +86,7 @@ __all__ = [
     "execution_fields",
     "installed_backends",
     "load_backend_class",
+    "move_args",
     "normalize_arguments",
     "redact_url",
     "run",
