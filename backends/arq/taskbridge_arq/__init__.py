@@ -16,6 +16,7 @@ from ._dispatch import (
     SYNC_FIELD,
     WAKE_CHANNEL_PREFIX,
 )
+from ._index import INDEX_PREFIX
 from ._native import redis_settings, worker_settings
 from ._options import DEFAULT_QUEUE, ArqOptions
 from ._progress import ProgressReporter
@@ -33,6 +34,7 @@ from ._worker import TaskbridgeWorker
 __all__ = [
     "DEDUP_KEY_PREFIX",
     "DEFAULT_QUEUE",
+    "INDEX_PREFIX",
     "JOB_FIELD",
     "POLICY_KWARG",
     "PROGRESS_KEY_PREFIX",

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from arq.connections import ArqRedis
 from arq.constants import (
@@ -25,10 +25,13 @@ from redis.exceptions import RedisError
 from taskbridge import BackendUnavailable, ConfigurationError
 from taskbridge.backends import (
     Backend,
+    CallIndex,
     CancelResult,
     ConnectionState,
     GroupCommit,
+    KeptCall,
     Policy,
+    RedisIndex,
     TaskCall,
     TaskStatus,
     WorkerBridge,
@@ -37,25 +40,24 @@ from taskbridge.backends import (
 )
 
 from ._dispatch import (
-    ENQUEUE_SCRIPT,
     QUEUE_FIELD,
     SYNC_FIELD,
     WAKE_CHANNEL_PREFIX,
     Batch,
+    Row,
     Skipped,
     batch_arguments,
     group_commit,
+    index_rows,
 )
+from ._index import CANCEL_INDEXED, ENQUEUE_INDEXED, composed_args, index_spec
 from ._jobs import UNLIMITED_TRIES
 from ._options import ArqOptions, sentinel_address
 from ._progress import ProgressReporter
 from ._serializer import deserialize, deserialize_for_worker, serialize
-from ._status import CANCEL_SCRIPT, Snapshot, cancelled_result, read_keys
+from ._status import Snapshot, cancelled_result, read_keys
 from ._wakeups import WakeUps
 from ._worker import LINK_ERRORS, TaskbridgeWorker, job_functions
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["ArqBackend"]
 
@@ -66,9 +68,10 @@ class ArqBackend(Backend):
     """Sends calls to ARQ workers through Redis, in ARQ's job format with JSON, never pickle.
 
     A request's calls are enqueued in one Redis round trip (a Lua script doing what ARQ's
-    `enqueue_job` does for each); the job id is the call's id. `status` reads ARQ's own keys in
-    one round trip; `cancel` removes a queued job atomically, or aborts a running `async def`
-    one. `taskbridge worker ALIAS module:bridge` runs an ARQ worker for the bridge's tasks.
+    `enqueue_job` does for each, and adding them to the call index); the job id is the call's
+    id. `status` reads ARQ's own keys in one round trip; `cancel` removes a queued job
+    atomically, or aborts a running `async def` one. `index` lists the calls (see `_index`).
+    `taskbridge worker ALIAS module:bridge` runs an ARQ worker for the bridge's tasks.
     """
 
     supports_delay: ClassVar[bool] = True
@@ -88,6 +91,9 @@ class ArqBackend(Backend):
         self._cancel_script: AsyncScript | None = None
         self._group: GroupCommit[Batch, Skipped] | None = None
         self._sentinels: list[Sentinel] = []
+        self.index_spec = index_spec(self.options)
+        """Where the alias keeps its call index, and its bounds; None when it keeps none."""
+        self._index: RedisIndex | None = None
 
     @classmethod
     def dev_options(cls, redis_url: str) -> dict[str, Any]:
@@ -172,19 +178,27 @@ class ArqBackend(Backend):
         # No per-command socket timeout (redis-py makes a task and a timer per command for it):
         # dispatch is bounded by the dispatch timeout, every other call here by `_bounded`.
         self._redis = self.connect(max_connections=self.options.max_connections)
-        self._script = self._redis.register_script(ENQUEUE_SCRIPT)
-        self._cancel_script = self._redis.register_script(CANCEL_SCRIPT)
+        self._script = self._redis.register_script(ENQUEUE_INDEXED)
+        self._cancel_script = self._redis.register_script(CANCEL_INDEXED)
         self._group = group_commit(self._run_script)
+        spec = self.index_spec
+        if spec is not None:
+            self._index = RedisIndex(
+                self._redis, spec.prefix, ttl=spec.ttl_ms / 1000, max_entries=spec.max_entries
+            )
         try:
             async with self._bounded():
-                await self._redis.script_load(ENQUEUE_SCRIPT)
+                await self._redis.script_load(ENQUEUE_INDEXED)
         except (RedisError, OSError) as exc:
             logger.warning("%s", self._unavailable(exc, " at start-up"))
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the call index's event subscription and the connection pool."""
         if self._group is not None:
             await self._group.wait_idle()
+        index, self._index = self._index, None
+        if index is not None:
+            await index.close()
         redis, self._redis, self._script, self._group = self._redis, None, None, None
         self._cancel_script = None
         if redis is not None:
@@ -207,16 +221,18 @@ class ArqBackend(Backend):
         await self.open()
         assert self._group is not None
         deadline = dispatch_deadline()
+        now_ms = timestamp_ms()
         keys, argv = batch_arguments(
             calls,
             default_queue=self.options.queue_name,
-            now_ms=timestamp_ms(),
+            now_ms=now_ms,
             expires_extra_ms=self.options.expires_extra_ms,
             signer=self.signer,
             deadline_ms=0 if deadline is None else int(deadline * 1000),
         )
+        rows = index_rows(calls, now_ms) if self.index_spec is not None else []
         try:
-            skipped = await self._group.submit((keys, argv))
+            skipped = await self._group.submit((keys, argv, rows))
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc, f" for {len(calls)} call(s)") from exc
         if not skipped:
@@ -246,9 +262,11 @@ class ArqBackend(Backend):
         would, at the cost of one timer for the whole call."""
         return asyncio.timeout(self.options.socket_timeout)
 
-    async def _run_script(self, keys: list[str], argv: list[Any]) -> list[bytes]:
+    async def _run_script(self, keys: list[str], argv: list[Any], rows: list[Row]) -> list[bytes]:
         assert self._script is not None
-        skipped: list[bytes] = await self._script(keys=keys, args=argv, client=self.redis)
+        spec = self.index_spec
+        args = composed_args(argv, spec.add(rows) if spec is not None and rows else None)
+        skipped: list[bytes] = await self._script(keys=keys, args=args, client=self.redis)
         return skipped
 
     async def ping(self) -> str:
@@ -280,14 +298,42 @@ class ArqBackend(Backend):
         """
         return (await self._snapshot(task_id)).status(self.alias)
 
+    async def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        """`status` of each of `task_ids`, read by one MGET of all their keys."""
+        return [snapshot.status(self.alias) for snapshot in await self._snapshots(task_ids)]
+
+    async def kept_call(self, task_id: str) -> KeptCall | None:
+        """The task and arguments of a failed or cancelled job, from its result (ARQ stores
+        them there, whatever their size, for as long as the result); None in any other state,
+        once the result expired, or for a job a worker refused as a message (a bad signature)."""
+        return (await self._snapshot(task_id)).kept()
+
+    @property
+    def index(self) -> CallIndex | None:
+        """The alias's call index in its Redis, once open (see `_index`); None before, and
+        for an alias with `index_max_entries=0` or `keep_result=0`."""
+        return self._index
+
     async def _snapshot(self, task_id: str) -> Snapshot:
+        [snapshot] = await self._snapshots([task_id])
+        return snapshot
+
+    async def _snapshots(self, task_ids: Sequence[str]) -> list[Snapshot]:
+        if not task_ids:
+            return []
         await self.open()
+        keys = [key for task_id in task_ids for key in read_keys(task_id)]
         try:
             async with self._bounded():
-                values = await self.redis.mget(read_keys(task_id))
+                values = await self.redis.mget(keys)
         except (RedisError, OSError) as exc:
-            raise self._unavailable(exc, f" reading job {task_id}") from exc
-        return Snapshot.parse(task_id, values)
+            what = f" {task_ids[0]}" if len(task_ids) == 1 else f"s {', '.join(task_ids[:3])}, ..."
+            raise self._unavailable(exc, f" reading job{what}") from exc
+        width = len(keys) // len(task_ids)
+        return [
+            Snapshot.parse(task_id, values[i * width : (i + 1) * width])
+            for i, task_id in enumerate(task_ids)
+        ]
 
     async def cancel(self, task_id: str) -> CancelResult:
         """Cancel a job: a queued (or retrying) one never starts; a running `async def` one is
@@ -319,6 +365,17 @@ class ArqBackend(Backend):
         now = timestamp_ms()
         options = self.options
         keep = -1 if options.keep_result_forever else to_ms(options.keep_result)
+        job = snapshot.job or {}
+        enqueued = job.get("et")
+        spec = self.index_spec
+        moved = None
+        if spec is not None:  # moved to cancelled only if the script takes it out of its queue
+            moved = spec.move(
+                task_id,
+                "cancelled",
+                known.task_name,
+                enqueued if type(enqueued) is int else None,
+            )
         assert self._cancel_script is not None
         try:
             async with self._bounded():
@@ -331,14 +388,17 @@ class ArqBackend(Backend):
                         queue,
                         abort_jobs_ss,
                     ],
-                    args=[
-                        task_id,
-                        now,
-                        "0" if in_thread else "1",
-                        cancelled_result(snapshot, queue, now),
-                        keep,
-                        WAKE_CHANNEL_PREFIX + queue,
-                    ],
+                    args=composed_args(
+                        [
+                            task_id,
+                            now,
+                            "0" if in_thread else "1",
+                            cancelled_result(snapshot, queue, now),
+                            keep,
+                            WAKE_CHANNEL_PREFIX + queue,
+                        ],
+                        moved,
+                    ),
                     client=self.redis,
                 )
         except (RedisError, OSError) as exc:
@@ -487,7 +547,8 @@ class ArqBackend(Backend):
         wakeups = WakeUps()
         progress_ttl = None if options.keep_result_forever else options.job_timeout
         reporter = ProgressReporter(
-            None if progress_ttl is None else to_ms(progress_ttl + options.keep_result)
+            None if progress_ttl is None else to_ms(progress_ttl + options.keep_result),
+            self.index_spec,
         )
         threads: set[str] = set()
         return TaskbridgeWorker(
@@ -500,6 +561,7 @@ class ArqBackend(Backend):
             start_retry_delay=options.conn_retry_delay,
             probe=lambda: self.connect(socket_timeout=options.socket_timeout),
             hang_timeout=options.socket_timeout,
+            index=self.index_spec,
             poll_delay=options.poll_delay,
             queue_name=queue or options.queue_name,
             redis_pool=redis,

@@ -7,7 +7,8 @@ key with ARQ's expiry and ZADD the queue with the due time as score. A call with
 key first takes its dedup key (`taskbridge:key:<id>`, SET NX PX key_ttl) and is skipped when the
 key is held, so a duplicate within key_ttl is a no-op even after the job's result expired. The
 script then PUBLISHes, once per queue, the earliest due time it added, which wakes idle workers
-at once (see `_wakeups`).
+at once (see `_wakeups`). The backend runs it composed with the call index's ADD of the jobs it
+queued (see `_index`), still one EVALSHA.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ __all__ = [
     "SYNC_FIELD",
     "TRACE_FIELD",
     "WAKE_CHANNEL_PREFIX",
+    "Row",
     "batch_arguments",
     "group_commit",
+    "index_rows",
     "job_payload",
 ]
 
@@ -210,21 +213,33 @@ def batch_arguments(
     return keys, argv
 
 
-Script = Callable[[list[str], list[Any]], Awaitable[list[bytes]]]
-Batch = tuple[list[str], list[Any]]
-"""One dispatch's KEYS and ARGV for ENQUEUE_SCRIPT (see `batch_arguments`)."""
+Row = tuple[str, int, str, str, str | None]
+"""One call for the call index's ADD: id, enqueue time (epoch ms), state, task, retry_of."""
+
+
+def index_rows(calls: Sequence[TaskCall], now_ms: int) -> list[Row]:
+    """The index ADD's rows of `calls`, enqueued (queued) at `now_ms`, as their jobs' `et`."""
+    return [(call.id, now_ms, "queued", call.name, call.retry_of) for call in calls]
+
+
+Script = Callable[[list[str], list[Any], list[Row]], Awaitable[list[bytes]]]
+Batch = tuple[list[str], list[Any], list[Row]]
+"""One dispatch's KEYS and ARGV for ENQUEUE_SCRIPT (see `batch_arguments`), and its calls' rows
+for the call index (see `index_rows`)."""
 Skipped = dict[str, str]
 """Ids of the jobs a script call skipped, with the reason: 'late', 'duplicate' or 'exists'."""
 
 
 def group_commit(run_script: Script) -> GroupCommit[Batch, Skipped]:
     """The core's group commit over ENQUEUE_SCRIPT: the batches of a group go in one script
-    call (at most 500 jobs, so the script stays short), and each learns which jobs it skipped."""
+    call (at most 500 jobs, so the script stays short), and each learns which jobs it skipped.
+    `run_script(keys, argv, rows)` sends them, with the index rows of the group."""
 
     async def send(group: list[Batch]) -> list[Skipped]:
         keys = [key for batch in group for key in batch[0]]
         argv = [WAKE_CHANNEL_PREFIX, *(arg for batch in group for arg in batch[1])]
-        flat = await run_script(keys, argv)
+        rows = [row for batch in group for row in batch[2]]
+        flat = await run_script(keys, argv, rows)
         skipped = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
         return [skipped] * len(group)
 

@@ -107,6 +107,9 @@ class ArqOptions(BackendOptions):
     """Size limit of the API process's connection pool (unbounded by default)."""
     cancel_wait: float = Field(default=5.0, ge=0)
     """Seconds `cancel()` waits for a worker to acknowledge the abort of a running job."""
+    index_max_entries: int = Field(default=100_000, ge=0)
+    """Most calls the alias's call index keeps (`GET /tasks`, `/tasks/stats`, `/tasks/{id}/events`),
+    each for as long as its result is kept; 0 keeps no index."""
 
     @field_validator("redis_url")
     @classmethod

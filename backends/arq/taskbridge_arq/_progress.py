@@ -7,7 +7,8 @@ task that never calls `report_progress`: a job costs the same Redis commands as 
 A report is a plain function call from the task: from an `async def` task on the worker's loop,
 from a `def` task in a worker thread. It only records the latest value per job; one writer task
 on the loop sends what is pending in one pipeline, so reports never wait for Redis, the last one
-wins, and they are written in order.
+wins, and they are written in order. With a call index, the pipeline also runs the index's MOVE
+of each reported job, with no new state: it publishes the change to those watching the call.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import asyncio
 import logging
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
-from taskbridge.backends import Outcome, TaskContext
+from taskbridge.backends import MOVE_SCRIPT, Outcome, TaskContext
 
+from ._index import IndexSpec, run_in_pipeline
 from ._status import PROGRESS_KEY_PREFIX, progress_payload
 
 __all__ = ["ProgressReporter"]
@@ -28,10 +31,13 @@ logger = logging.getLogger("taskbridge.arq")
 
 class ProgressReporter:
     """Stores progress in `taskbridge:progress:<id>`, expiring `ttl_ms` after the last report
-    (None: never), for `ArqBackend.status` to read next to ARQ's keys."""
+    (None: never), for `ArqBackend.status` to read next to ARQ's keys; and announces it through
+    the call `index`, when the alias keeps one."""
 
-    def __init__(self, ttl_ms: int | None) -> None:
+    def __init__(self, ttl_ms: int | None, index: IndexSpec | None = None) -> None:
         self.ttl_ms = ttl_ms
+        self.index = index
+        self._move: AsyncScript | None = None
         self._redis: Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, bytes] = {}
@@ -40,6 +46,7 @@ class ProgressReporter:
     def bind(self, redis: Redis, loop: asyncio.AbstractEventLoop) -> None:
         """Write with `redis`, from tasks on `loop` (the worker's, at its start)."""
         self._redis, self._loop = redis, loop
+        self._move = redis.register_script(MOVE_SCRIPT) if self.index is not None else None
 
     # -- StatusReporter -------------------------------------------------------------------
 
@@ -81,7 +88,11 @@ class ProgressReporter:
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for job_id, payload in batch.items():
                             pipe.set(PROGRESS_KEY_PREFIX + job_id, payload, px=self.ttl_ms)
-                        await pipe.execute()
+                        if self.index is None or self._move is None:
+                            await pipe.execute()
+                        else:
+                            moves = [self.index.move(job_id, None) for job_id in batch]
+                            await run_in_pipeline(pipe, self._move, moves)
                 except Exception as exc:
                     logger.warning(
                         "could not store the progress of job(s) %s: %s: %s",

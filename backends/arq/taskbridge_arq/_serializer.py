@@ -25,6 +25,7 @@ from taskbridge.backends import decode_json, encode_json
 from ._dispatch import JOB_FIELD, JOB_TRY_FIELD, POLICY_KWARG
 
 __all__ = [
+    "MAX_TRACEBACK",
     "RemoteTaskError",
     "deserialize",
     "deserialize_for_worker",
@@ -34,7 +35,9 @@ __all__ = [
 ]
 
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
-_MAX_TRACEBACK = 8000
+MAX_TRACEBACK = 16 * 1024
+"""Most bytes (UTF-8) of a failure's formatted traceback kept in its result: the end of it, where
+the raising line is."""
 
 
 class RemoteTaskError(TaskBridgeError):
@@ -55,7 +58,9 @@ class RemoteTaskError(TaskBridgeError):
 
 
 def exception_to_json(error: BaseException) -> dict[str, Any]:
-    """The JSON form of an exception: qualified type, message, JSON args if any, traceback."""
+    """The JSON form of an exception: qualified type, message, JSON args if any, and for a
+    failure (not a cancellation) the end of its formatted traceback, at most MAX_TRACEBACK
+    bytes (`TaskStatus.error.traceback` shows it)."""
     kind = type(error)
     data: dict[str, Any] = {
         "exception": f"{kind.__module__}.{kind.__qualname__}",
@@ -67,10 +72,21 @@ def exception_to_json(error: BaseException) -> dict[str, Any]:
         pass  # rebuilt from the message instead
     else:
         data["args"] = list(error.args)
-    if error.__traceback__ is not None:
-        formatted = "".join(traceback.format_exception(error))
-        data["traceback"] = formatted[-_MAX_TRACEBACK:]
+    if error.__traceback__ is not None and not isinstance(error, asyncio.CancelledError):
+        data["traceback"] = _bounded_traceback(error)
     return data
+
+
+def _bounded_traceback(error: BaseException) -> str:
+    formatted = "".join(traceback.format_exception(error))
+    if len(formatted) * 4 <= MAX_TRACEBACK:  # short enough whatever its characters
+        return formatted
+    raw = formatted.encode(errors="replace")
+    if len(raw) <= MAX_TRACEBACK:
+        return formatted
+    marker = "[...]\n"
+    kept = raw[len(raw) - MAX_TRACEBACK + len(marker) :]
+    return marker + kept.decode(errors="ignore")
 
 
 def exception_from_json(data: Mapping[str, Any]) -> BaseException:

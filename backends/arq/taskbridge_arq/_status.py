@@ -11,7 +11,12 @@ ARQ keeps, per job id:
 
 taskbridge adds `taskbridge:progress:<id>` (the last progress a task reported, written only when
 it reports) and `taskbridge:key:<id>` (an idempotency key's dedup marker). One MGET reads the
-first five, atomically.
+first five, atomically (and one MGET those of a whole page of calls).
+
+The job and the result both hold the call's arguments (ARQ's `a` and `k`), which a status shows
+and a retry runs again with; what taskbridge carries with a job (its policy, signature and trace)
+rides in the job's own field, or in the kwargs of jobs queued by earlier versions, and is never
+shown as an argument.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from arq.constants import (
 )
 
 from taskbridge import MessageError
-from taskbridge.backends import TaskErrorInfo, TaskStatus, decode_json, encode_json, timestamp
+from taskbridge.backends import (
+    KeptCall,
+    TaskErrorInfo,
+    TaskStatus,
+    decode_json,
+    encode_json,
+    timestamp,
+)
 
 from ._dispatch import JOB_FIELD, POLICY_KWARG
 from ._serializer import restore_times
@@ -42,6 +54,7 @@ __all__ = [
     "cancelled_result",
     "progress_payload",
     "read_keys",
+    "result_state",
 ]
 
 PROGRESS_KEY_PREFIX = "taskbridge:progress:"
@@ -58,6 +71,12 @@ _CANCELLED_TYPES = frozenset({"asyncio.exceptions.CancelledError", "asyncio.Canc
 
 _UNSERIALIZABLE = "arq.jobs.SerializationError"
 """The error type of a failed result that holds no exception (ARQ could not serialize it)."""
+
+_REJECTED = frozenset(
+    {f"{MessageError.__module__}.{MessageError.__qualname__}", "taskbridge.MessageError"}
+)
+"""How a result names the error of a message a worker refused (a bad signature, a tampered due
+time, not a job): such a call is never run again from its stored arguments."""
 
 # KEYS: job key, in-progress key, result key, retry key, queue, ARQ's abort set.
 # ARGV: id, now (ms), '1' to abort a running job (else '0'), the cancelled result to store,
@@ -191,6 +210,7 @@ class Snapshot:
         fields.update(
             task_name=name if isinstance(name, str) else None,
             enqueued_at=_ms(job.get("et")),
+            **_arguments(job),
         )
         if self.lock is not None:
             started = _int(self.lock)
@@ -204,6 +224,25 @@ class Snapshot:
         else:
             fields.update(state="queued", attempts=0)
         return TaskStatus(**fields)
+
+    def kept(self) -> KeptCall | None:
+        """The task and arguments of a failed or cancelled job, from its result (which ARQ
+        stores with them); None for a job in any other state, or refused as a message."""
+        if self.result is None:
+            return None
+        try:
+            result = _decoded(self.result, "the ARQ result")
+        except MessageError:
+            return None
+        assert result is not None
+        state, error = _outcome(result)
+        if state not in ("failed", "cancelled") or (error is not None and error.type in _REJECTED):
+            return None
+        name, arguments = result.get("f"), _arguments(result)
+        args, kwargs = arguments.get("args"), arguments.get("kwargs")
+        if not isinstance(name, str) or args is None or kwargs is None:
+            return None
+        return KeptCall(task_name=name, args=tuple(args), kwargs=kwargs)
 
     def _progress(self) -> dict[str, Any]:
         try:
@@ -223,6 +262,52 @@ class Snapshot:
         }
 
 
+def _arguments(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`args` and `kwargs` of a job or result dict (ARQ's `a` and `k`), without what taskbridge
+    carries in the kwargs of jobs queued by earlier versions; none that are malformed."""
+    fields: dict[str, Any] = {}
+    args, kwargs = data.get("a"), data.get("k")
+    if isinstance(args, list | tuple):
+        fields["args"] = list(args)
+    if isinstance(kwargs, dict):
+        fields["kwargs"] = {k: v for k, v in kwargs.items() if k != POLICY_KWARG}
+    return fields
+
+
+def _outcome(result: Mapping[str, Any]) -> tuple[str, TaskErrorInfo | None]:
+    """The state an ARQ result dict records, and its error when it failed."""
+    value = result.get("r")
+    if result.get("s") is True:
+        return "succeeded", None
+    if isinstance(value, dict) and "exception" in value:
+        error_type = str(value["exception"])
+        if error_type in _CANCELLED_TYPES:
+            return "cancelled", None
+        message, trace = value.get("message"), value.get("traceback")
+        return "failed", TaskErrorInfo(
+            type=error_type,
+            message=str(message or ""),
+            traceback=trace if isinstance(trace, str) and trace else None,
+        )
+    return "failed", TaskErrorInfo(type=_UNSERIALIZABLE, message=str(value))
+
+
+def result_state(raw: bytes) -> tuple[str, str | None, int | None]:
+    """The state a stored result records (`succeeded`, `failed` or `cancelled`), with its task
+    name and enqueue time (ms), for the worker's index move; `failed` when it is not readable."""
+    try:
+        result = _decoded(raw, "the ARQ result")
+    except MessageError:
+        return "failed", None, None
+    assert result is not None
+    name, enqueued = result.get("f"), result.get("et")
+    return (
+        _outcome(result)[0],
+        name if isinstance(name, str) else None,
+        enqueued if type(enqueued) is int else None,
+    )
+
+
 def _finished(raw: bytes) -> dict[str, Any]:
     """TaskStatus fields from ARQ's result dict (JSON, see `_serializer`)."""
     try:
@@ -236,30 +321,23 @@ def _finished(raw: bytes) -> dict[str, Any]:
     restore_times(result)
     name, tries = result.get("f"), result.get("t")
     attempts = tries if type(tries) is int else 0
+    state, error = _outcome(result)
     fields: dict[str, Any] = {
         "task_name": name if isinstance(name, str) else None,
         "attempts": attempts,
         "enqueued_at": _ms(result.get("et")),
         "started_at": _ms(result.get("st")),
         "finished_at": _ms(result.get("ft")),
+        "state": state,
+        "error": error,
+        **_arguments(result),
     }
-    value = result.get("r")
-    if result.get("s") is True:
-        fields.update(state="succeeded", result=value)
-    elif isinstance(value, dict) and "exception" in value:
-        error_type = str(value["exception"])
-        if error_type in _CANCELLED_TYPES:
-            fields["state"] = "cancelled"
-            if value.get("message") in _NOT_RUNNING:  # written by cancel, not by a try
-                fields["started_at"] = None
-        else:
-            message = value.get("message")
-            fields.update(
-                state="failed",
-                error=TaskErrorInfo(type=error_type, message=str(message or "")),
-            )
-    else:
-        fields.update(state="failed", error=TaskErrorInfo(type=_UNSERIALIZABLE, message=str(value)))
+    if state == "succeeded":
+        fields["result"] = result.get("r")
+    elif state == "cancelled":
+        value = result.get("r")
+        if isinstance(value, dict) and value.get("message") in _NOT_RUNNING:
+            fields["started_at"] = None  # written by cancel, not by a try
     return fields
 
 

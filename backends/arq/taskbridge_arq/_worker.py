@@ -3,9 +3,10 @@
 Compared with ARQ's Worker, a taskbridge worker also: polls as soon as work is announced
 (`_wakeups`); claims the due jobs of a poll in one Lua script, which records each attempt's start
 time as the value of ARQ's in-progress key; verifies signatures (with a `signing_key`); stores
-progress the tasks report (`_progress`); never aborts a running `def` task, whose thread could
-not be stopped (the job would read "cancelled" while the task runs on); and heals after Redis
-faults instead of exiting (see `TaskbridgeWorker`: "Redis faults").
+progress the tasks report (`_progress`); moves each job through the call index (`_index`) in
+the same script or transaction as the write that changes its state; never aborts a running `def`
+task, whose thread could not be stopped (the job would read "cancelled" while the task runs on);
+and heals after Redis faults instead of exiting (see `TaskbridgeWorker`: "Redis faults").
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ from typing import Any
 
 import anyio.to_thread
 from arq.connections import ArqRedis
-from arq.constants import abort_job_max_age, abort_jobs_ss, in_progress_key_prefix
+from arq.constants import (
+    abort_job_max_age,
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
 from arq.constants import result_key_prefix as result_prefix
-from arq.utils import timestamp_ms
+from arq.utils import timestamp_ms, to_ms
 from arq.worker import Function, Worker
 from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
@@ -34,15 +41,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from taskbridge.backends import ConnectionState
+from taskbridge.backends import MOVE_SCRIPT, ConnectionState
 
 from ._dispatch import WAKE_CHANNEL_PREFIX
+from ._index import CLAIM_THEN, IndexSpec, compose, composed_args, run_in_pipeline
 from ._jobs import job_functions
 from ._progress import ProgressReporter
+from ._status import result_state
 from ._wakeups import WakeUps
 
 __all__ = [
     "ABORT_MESSAGE",
+    "CLAIM_INDEXED",
     "CLAIM_SCRIPT",
     "LINK_ERRORS",
     "RECEIPT_KEY_PREFIX",
@@ -130,6 +140,10 @@ end
 return claimed
 """
 
+CLAIM_INDEXED = compose(CLAIM_SCRIPT, MOVE_SCRIPT, CLAIM_THEN)
+"""CLAIM_SCRIPT, then the call index's move of each job it claimed to running (ARGV: see
+`composed_args`, with the index's bounds)."""
+
 # KEYS[1]: a job's in-progress key. ARGV: the lock's value when this worker took it, a new
 # lifetime (ms). 1 (and the lifetime renewed) when the lock is still this worker's, else 0.
 RELOCK_SCRIPT = """
@@ -198,6 +212,7 @@ class TaskbridgeWorker(Worker):
         start_retry_delay: float = 1.0,
         probe: Callable[[], ArqRedis] | None = None,
         hang_timeout: float | None = None,
+        index: IndexSpec | None = None,
         **kwargs: Any,
     ) -> None:
         self._on_job_start = kwargs.pop("on_job_start", None)
@@ -236,6 +251,9 @@ class TaskbridgeWorker(Worker):
         self._probe_factory = probe
         self._hang_timeout = hang_timeout
         self._watchdog: asyncio.Task[None] | None = None
+        self.index = index
+        """The alias's call index, which the worker moves each job through (None: none)."""
+        self._move: AsyncScript | None = None
 
     # -- the link to Redis ----------------------------------------------------------------
 
@@ -354,10 +372,10 @@ class TaskbridgeWorker(Worker):
             try:
                 await self.pool.connection_pool.disconnect(inuse_connections=False)
                 if self._hang_timeout is None:
-                    await self.pool.ping()
+                    await self._ping()
                 else:  # the pool's commands have no timeout of their own (see _watch_link)
                     async with asyncio.timeout(self._hang_timeout):
-                        await self.pool.ping()
+                        await self._ping()
                 break
             except LINK_ERRORS as exc:
                 attempts += 1
@@ -383,6 +401,13 @@ class TaskbridgeWorker(Worker):
         self._link_ok.set()
         self.connection.up()
         self.wakeups.work()  # jobs may have been queued meanwhile, unannounced to this worker
+
+    async def _ping(self) -> None:
+        await self.pool.ping()
+        if self.index is not None:
+            # A restarted or failed-over Redis knows no script: load the index's, which the
+            # outcome and progress writes run by EVALSHA in their pipelines.
+            await self.pool.script_load(MOVE_SCRIPT)
 
     # -- the wake channel -----------------------------------------------------------------
 
@@ -498,7 +523,7 @@ class TaskbridgeWorker(Worker):
             if (t := running.get(job_id)) is None or t.done()  # running here: locked
         ]
         if self._claim is None:
-            self._claim = self.pool.register_script(CLAIM_SCRIPT)
+            self._claim = self.pool.register_script(CLAIM_INDEXED)
         lock_ms = int(self.in_progress_timeout_s * 1000)
         while candidates and self.allow_pick_jobs:  # a shutdown signal stops picking
             free = self.max_jobs - self.job_counter
@@ -511,9 +536,11 @@ class TaskbridgeWorker(Worker):
             self._claims += 1
             number, now = str(self._claims), timestamp_ms()
             try:
-                reply: list[Any] = await self._claim(
-                    keys=keys, args=[now, lock_ms, free, number, *window], client=self.pool
+                args = composed_args(
+                    [now, lock_ms, free, number, *window],
+                    None if self.index is None else self.index.bounds(),
                 )
+                reply: list[Any] = await self._claim(keys=keys, args=args, client=self.pool)
             except LINK_ERRORS:
                 self._lost_claim = (number, now)  # it may have run: see _recover_claim
                 raise
@@ -619,10 +646,12 @@ class TaskbridgeWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """ARQ's finish_job, retried until Redis takes it."""
+        """ARQ's finish_job, with the job's move in the call index, retried until Redis takes
+        it."""
         claim = self._claimed.pop(job_id, None)
+        move = self._moved(job_id, finish, result_data)
         write = functools.partial(
-            super().finish_job,
+            self._finish,
             job_id,
             finish,
             result_data,
@@ -630,24 +659,112 @@ class TaskbridgeWorker(Worker):
             keep_result_forever,
             incr_score,
             keep_in_progress,
+            move,
         )
         again: Callable[[], Awaitable[None]] = write
         if not finish and incr_score and claim is not None and keep_in_progress is None:
             # ARQ's ZINCRBY would defer the job twice if the first write did reach Redis.
-            again = functools.partial(self._requeue, job_id, claim.score + incr_score)
+            again = functools.partial(self._requeue, job_id, claim.score + incr_score, move)
         await self._store(job_id, write, again)
 
-    async def _requeue(self, job_id: str, score: int) -> None:
+    async def _finish(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+        move: list[Any] | None,
+    ) -> None:
+        if move is None:
+            await super().finish_job(
+                job_id,
+                finish,
+                result_data,
+                result_timeout_s,
+                keep_result_forever,
+                incr_score,
+                keep_in_progress,
+            )
+            return
+        # ARQ's finish_job's transaction, command for command (a test compares what the two
+        # leave in Redis), and the index's move in it.
+        async with self.pool.pipeline(transaction=True) as tr:
+            delete_keys = []
+            in_progress_key = in_progress_key_prefix + job_id
+            if keep_in_progress is None:
+                delete_keys.append(in_progress_key)
+            else:
+                tr.pexpire(in_progress_key, to_ms(keep_in_progress))
+            if finish:
+                if result_data:
+                    expire = None if keep_result_forever else result_timeout_s
+                    tr.set(result_prefix + job_id, result_data, px=to_ms(expire))
+                delete_keys += [retry_key_prefix + job_id, job_key_prefix + job_id]
+                tr.zrem(abort_jobs_ss, job_id)
+                tr.zrem(self.queue_name, job_id)
+            elif incr_score:
+                tr.zincrby(self.queue_name, incr_score, job_id)
+            if delete_keys:
+                tr.delete(*delete_keys)
+            await run_in_pipeline(tr, self._move_script(), [move])
+
+    async def _requeue(self, job_id: str, score: int, move: list[Any] | None) -> None:
         async with self.pool.pipeline(transaction=True) as pipe:
             pipe.zadd(self.queue_name, {job_id: score}, xx=True)
             pipe.delete(in_progress_key_prefix + job_id)
-            await pipe.execute()
+            if move is None:
+                await pipe.execute()
+            else:
+                await run_in_pipeline(pipe, self._move_script(), [move])
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        """ARQ's finish_failed_job, retried until Redis takes it."""
+        """ARQ's finish_failed_job (a job that failed or was aborted before its function ran),
+        with the job's move in the call index, retried until Redis takes it."""
         self._claimed.pop(job_id, None)
-        write = functools.partial(super().finish_failed_job, job_id, result_data)
+        move = self._moved(job_id, True, result_data)
+        write = functools.partial(self._finish_failed, job_id, result_data, move)
         await self._store(job_id, write, write)
+
+    async def _finish_failed(
+        self, job_id: str, result_data: bytes | None, move: list[Any] | None
+    ) -> None:
+        if move is None:
+            await super().finish_failed_job(job_id, result_data)
+            return
+        # ARQ's finish_failed_job's transaction, command for command, and the index's move.
+        async with self.pool.pipeline(transaction=True) as tr:
+            tr.delete(
+                retry_key_prefix + job_id,
+                in_progress_key_prefix + job_id,
+                job_key_prefix + job_id,
+            )
+            tr.zrem(abort_jobs_ss, job_id)
+            tr.zrem(self.queue_name, job_id)
+            keep_result = self.keep_result_forever or self.keep_result_s > 0
+            if result_data is not None and keep_result:
+                expire = 0 if self.keep_result_forever else self.keep_result_s
+                tr.set(result_prefix + job_id, result_data, px=to_ms(expire))
+            await run_in_pipeline(tr, self._move_script(), [move])
+
+    def _moved(self, job_id: str, finish: bool, result_data: bytes | None) -> list[Any] | None:
+        """The index MOVE's ARGV for a job's outcome write (None without an index): back in
+        its queue (retrying), or the state its result records, with its task and enqueue time
+        (to index it again if the index lost it)."""
+        if self.index is None:
+            return None
+        if not finish:
+            return self.index.move(job_id, "retrying")
+        if result_data is None:  # not kept (or not serializable at all)
+            return self.index.move(job_id, "failed")
+        return self.index.move(job_id, *result_state(result_data))
+
+    def _move_script(self) -> AsyncScript:
+        if self._move is None:
+            self._move = self.pool.register_script(MOVE_SCRIPT)
+        return self._move
 
     async def _store(
         self,

@@ -33,9 +33,10 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 
 def _bounded(key: str, queue: str) -> bool:
-    """Keys ARQ keeps without a TTL that stay bounded: the queue (emptied by the worker) and
-    the abort set (trimmed by the workers)."""
-    return key in (queue, "arq:abort")
+    """Keys kept without a TTL that stay bounded: ARQ's queue (emptied by the worker) and abort
+    set (trimmed by the workers), and the call index's keys, which each dispatch trims to
+    `index_max_entries` calls of the last `keep_result` seconds (see test_index.py)."""
+    return key in (queue, "arq:abort") or key.startswith(f"taskbridge:index:{queue}:")
 
 
 async def test_every_key_of_a_run_has_a_ttl_or_is_bounded(

@@ -6,6 +6,7 @@ import asyncio
 import pickle
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ from arq.jobs import (
     serialize_result,
 )
 from arq.worker import JobExecutionFailed
-from taskbridge_arq import RemoteTaskError, deserialize, exception_from_json, serialize
+from taskbridge_arq import (
+    RemoteTaskError,
+    deserialize,
+    exception_from_json,
+    exception_to_json,
+    serialize,
+)
+from taskbridge_arq._serializer import MAX_TRACEBACK
 
 from taskbridge import MessageError
 
@@ -225,3 +233,27 @@ def test_a_result_stores_its_times_as_offsets_and_arq_reads_them_back() -> None:
     assert result.start_time.timestamp() * 1000 == 1764517890123
     assert result.finish_time.timestamp() * 1000 == 1764517890125
     assert result.enqueue_time.timestamp() * 1000 == 1764517890000
+
+
+def _chained() -> None:
+    try:
+        raise RuntimeError("the cause: " + "é" * 20_000)  # about 40 KiB of UTF-8
+    except RuntimeError as cause:
+        raise ValueError("at the bottom") from cause
+
+
+def test_a_failures_traceback_is_kept_to_its_last_16_kib_and_a_cancellations_is_not() -> None:
+    try:
+        _chained()
+    except ValueError as exc:
+        deep = exc
+    data = exception_to_json(deep)
+    kept = data["traceback"]
+    whole = "".join(traceback.format_exception(deep)).encode()
+    assert len(kept.encode()) <= MAX_TRACEBACK < len(whole)
+    assert kept.startswith("[...]\n")
+    assert kept.rstrip().endswith("ValueError: at the bottom")
+    assert 'raise ValueError("at the bottom") from cause' in kept
+    short = exception_to_json(_raised(KeyError("missing")))
+    assert short["traceback"].startswith("Traceback (most recent call last):")
+    assert "traceback" not in exception_to_json(_raised(asyncio.CancelledError()))
