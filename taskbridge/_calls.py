@@ -20,10 +20,17 @@ RETRYABLE = frozenset({"failed", "cancelled"})
 
 
 def _indexed(backends: Iterable[Backend], alias: str | None) -> list[tuple[Backend, CallIndex]]:
+    """The indexes of `backends` (of `alias` alone, when given), each once: two aliases that
+    keep calls in one Redis under one prefix share an index (`RedisIndex.identity`)."""
     found = []
+    seen: set[object] = set()
     for backend in backends:
         index = backend.index if backend.supports_status else None
-        if index is not None and (alias is None or backend.alias == alias):
+        if index is None or (alias is not None and backend.alias != alias):
+            continue
+        identity = getattr(index, "identity", None) or id(index)
+        if identity not in seen:
+            seen.add(identity)
             found.append((backend, index))
     return found
 

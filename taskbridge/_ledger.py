@@ -478,6 +478,8 @@ class RedisIndex:
         self.budget = budget
         """Most entries one page looks at (a rare state within a task stops early)."""
         self.hub = EventHub(client, f"{prefix}:events")
+        self.identity = f"{client.connection_pool!r} {prefix}"
+        """The same for two indexes over one Redis database and prefix (they are one index)."""
         self._list = client.register_script(LIST_SCRIPT)
 
     async def page(

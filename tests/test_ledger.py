@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
+from taskbridge import TaskStatus
 from taskbridge._ledger import (
     ADD_SCRIPT,
     MOVE_SCRIPT,
@@ -181,3 +182,41 @@ async def test_a_watcher_hears_changes_and_survives_a_lost_connection(tmp_path: 
             await writer.aclose()
     finally:
         server.kill()
+
+
+async def test_two_aliases_sharing_an_index_are_counted_once(
+    client: redis.asyncio.Redis, prefix: str, redis_url: str
+) -> None:
+    from taskbridge._calls import call_stats, list_calls
+    from taskbridge.backends import Backend
+
+    ledger = Ledger(client, prefix, 100)
+    await ledger.add(("s1", int(time.time() * 1000), "queued", "t"))
+
+    class Shared(Backend):
+        supports_status = True
+
+        def __init__(self, alias: str) -> None:
+            super().__init__(alias, {})
+            self._index = RedisIndex(
+                redis.asyncio.Redis.from_url(redis_url), prefix, ttl=60, max_entries=100
+            )
+
+        @property
+        def index(self) -> RedisIndex:
+            return self._index
+
+        async def enqueue(self, calls: object) -> None:
+            raise NotImplementedError
+
+        async def status(self, task_id: str) -> TaskStatus | None:
+            return TaskStatus(id=task_id, backend=self.alias, state="queued")
+
+    one, two = Shared("one"), Shared("two")
+    stats = await call_stats([one, two])
+    assert (stats.total, stats.tasks) == (1, {"t": {"queued": 1}})
+    page = await list_calls([one, two])
+    assert [item.id for item in page.items] == ["s1"]
+    assert [item.id for item in (await list_calls([one, two], backend="two")).items] == ["s1"]
+    for backend in (one, two):
+        await backend.index.client.aclose()
