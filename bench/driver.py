@@ -4,6 +4,7 @@
     uv run python -m bench --only http,enqueue  # a subset
     uv run python -m bench --quick              # a smoke run (2 rounds, short windows)
     uv run python -m bench --only soak          # the soak run (bench/soak.py), on its own
+    uv run python -m bench --only status        # the call index (bench/status.py), on its own
 
 Every figure is a ratio against the native baseline measured in the same run, in interleaved
 rounds (the order shuffled each round), reported as the median and min-max over the rounds.
@@ -72,7 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (bench/README.md lists the options)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}, or soak alone"
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma list of {SECTIONS}, or soak or status alone",
     )
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
@@ -227,9 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         from .soak import run_soak
 
         return run_soak(args)
+    if "status" in only:  # the same: pages, events and dispatch of the call index
+        if only != ["status"]:
+            sys.exit("--only status runs alone (its own servers and workers); drop the others")
+        from .status import run_status
+
+        return run_status(args)
     unknown = set(only) - set(SECTIONS)
     if unknown:
-        sys.exit(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS} or soak")
+        sys.exit(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}, soak or status")
     wanted = [e for e in args.engines.split(",") if e]
     workdir = Path(tempfile.mkdtemp(prefix="tbbench-"))
     run_id = f"tbbench{uuid.uuid4().hex[:8]}"
