@@ -12,8 +12,9 @@ Keys, under a prefix P (one per backend alias's Redis):
 - `P:calls`: sorted set of every indexed call id, scored by its enqueue time (epoch ms);
 - `P:state:<state>`, `P:task:<name>`: the same, per state and per task;
 - `P:meta`: hash, id -> `state<TAB>task<TAB>retry_of`;
-- `P:counts`: hash, `<state>` and `<task><TAB><state>` -> how many indexed calls are there;
-- channel `P:events`: each change publishes the call's id.
+- `P:counts`: hash, `<task><TAB><state>` -> how many indexed calls are there (the totals per
+  state are their sums);
+- channel `P:events`: each change of a call publishes its id.
 
 Bounds: every add drops (up to 100 per add) the calls enqueued more than `ttl` ago and the
 oldest beyond `max_entries`, so the index never outgrows its bounds and nothing is ever scanned
@@ -27,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,7 +68,6 @@ local function drop(id)
     local state, task = split(meta)
     redis.call('ZREM', P .. ':state:' .. state, id)
     redis.call('ZREM', P .. ':task:' .. task, id)
-    count(state, -1)
     count(task .. '\\t' .. state, -1)
     redis.call('HDEL', META, id)
   end
@@ -81,12 +81,11 @@ local function trim(now, ttl, max)
   end
 end
 local function enter(id, score, state, task, retry_of)
-  redis.call('ZADD', CALLS, score, id)
+  -- the call is in CALLS already
   redis.call('ZADD', P .. ':state:' .. state, score, id)
   redis.call('ZADD', P .. ':task:' .. task, score, id)
   redis.call('HSET', META, id, state .. '\\t' .. task .. '\\t' .. retry_of)
-  count(state, 1)
-  count(task .. '\\t' .. state, 1)
+  redis.call('HINCRBY', COUNTS, task .. '\\t' .. state, 1)
 end
 """
 
@@ -98,8 +97,17 @@ ADD_SCRIPT = (
 local now, ttl, max = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 for i = 5, #ARGV, 5 do
   local id = ARGV[i]
-  if redis.call('HEXISTS', META, id) == 0 then
+  if redis.call('ZADD', CALLS, 'NX', ARGV[i + 1], id) == 1 then
     enter(id, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+  elseif ARGV[i + 4] ~= '' then
+    -- indexed first by its worker (the add ran beside the publish): keep the retry's link
+    local meta = redis.call('HGET', META, id)
+    if meta then
+      local state, task, retry_of = split(meta)
+      if retry_of == '' then
+        redis.call('HSET', META, id, state .. '\\t' .. task .. '\\t' .. ARGV[i + 4])
+      end
+    end
   end
   redis.call('PUBLISH', P .. ':events', id)
 end
@@ -123,15 +131,14 @@ if state ~= '' then
       redis.call('ZREM', P .. ':state:' .. old, id)
       redis.call('ZADD', P .. ':state:' .. state, score, id)
       redis.call('HSET', META, id, state .. '\\t' .. name .. '\\t' .. retry_of)
-      count(old, -1)
       count(name .. '\\t' .. old, -1)
-      count(state, 1)
-      count(name .. '\\t' .. state, 1)
+      redis.call('HINCRBY', COUNTS, name .. '\\t' .. state, 1)
     end
   elseif task ~= '' then
     local score = ARGV[8]
     if score == '' then score = ARGV[2] end
     if tonumber(score) >= tonumber(ARGV[2]) - tonumber(ARGV[3]) then
+      redis.call('ZADD', CALLS, score, id)
       enter(id, score, state, task, '')
     end
   end
@@ -356,6 +363,10 @@ class Watchers:
     def __init__(self) -> None:
         self._waiting: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._lock = threading.Lock()
+        self.active: Mapping[str, object] = self._waiting
+        """Truthy exactly while someone watches. A plain dict, so a hot path (the in-process
+        status store, on every change) tests it for the price of a dict's truth test, where
+        `bool(watchers)` calls `__bool__` (five times that, measured)."""
 
     def __bool__(self) -> bool:
         return bool(self._waiting)
@@ -435,17 +446,23 @@ class EventHub:
     async def _listen(self, ready: asyncio.Event) -> None:
         delay = 0.1
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
-                if ready.is_set():
-                    self.watchers.notify_all()  # resubscribed: re-read everything watched
-                ready.set()
                 delay = 0.1
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
-                    if message is not None and message.get("type") == "message":
+                    if message is None:
+                        continue
+                    if message.get("type") == "message":
                         self.watchers.notify(_text(message["data"]))
+                    elif message.get("type") == "subscribe":
+                        # Subscribed (again: by this loop, or by redis-py reconnecting inside
+                        # get_message): from now on no change is missed, but one published
+                        # while the link was down was, so every watcher reads again.
+                        if ready.is_set():
+                            self.watchers.notify_all()
+                        ready.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -516,12 +533,11 @@ class RedisIndex:
         raw: dict[Any, Any] = await self.client.hgetall(f"{self.prefix}:counts")
         counts = Counts()
         for key, value in raw.items():
-            name, n = _text(key), int(value)
-            task, tab, state = name.partition("\t")
-            if tab:
+            task, tab, state = _text(key).partition("\t")
+            n = int(value)
+            if tab and n > 0:
                 counts.tasks.setdefault(task, {})[state] = n
-            else:
-                counts.states[name] = n
+                counts.states[state] = counts.states.get(state, 0) + n
         return counts
 
     async def retry_of(self, task_id: str) -> str | None:

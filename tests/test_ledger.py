@@ -220,3 +220,18 @@ async def test_two_aliases_sharing_an_index_are_counted_once(
     assert [item.id for item in (await list_calls([one, two], backend="two")).items] == ["s1"]
     for backend in (one, two):
         await backend.index.client.aclose()
+
+
+async def test_a_retry_indexed_first_by_its_worker_keeps_its_link(
+    client: redis.asyncio.Redis, prefix: str
+) -> None:
+    # RabbitMQ dispatch writes the index beside the publish: the worker may get there first
+    ledger = Ledger(client, prefix, 100)
+    await ledger.move("new", "running", task="t")
+    now = int(time.time() * 1000)
+    args = add_args(prefix, now, HOUR_MS, 100, [("new", now, "queued", "t", "old")])
+    await client.register_script(ADD_SCRIPT)(args=args)
+    index = RedisIndex(client, prefix, ttl=3600, max_entries=100)
+    page = await index.page(state=None, task=None, after=None, limit=10)
+    assert [(e.id, e.state, e.retry_of) for e in page.entries] == [("new", "running", "old")]
+    assert (await index.counts()).states == {"running": 1}

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from taskbridge import BackendUnavailable, ConfigurationError
 from taskbridge.backends import (
     Backend,
+    CallIndex,
     CancelResult,
+    KeptCall,
     Policy,
     TaskCall,
     TaskStatus,
@@ -20,6 +22,7 @@ from taskbridge.backends import (
 )
 
 from ._amqp import AmqpPublisher
+from ._index import index_spec, index_with_broker
 from ._keys import marker_life
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import MessageBuilder, TaskMessage
@@ -68,7 +71,8 @@ class CeleryBackend(Backend):
     started by `taskbridge worker <alias> module:bridge`, so Flower and `celery inspect` work.
 
     With a (Redis) `result_backend`, `status` reads Celery's result meta directly with
-    redis.asyncio and `cancel` revokes: see `status` and `cancel`.
+    redis.asyncio and `cancel` revokes: see `status` and `cancel`; `index` lists the alias's
+    calls, written with the publish and the worker's result writes (see `_index`).
     """
 
     supports_delay: ClassVar[bool] = True
@@ -89,6 +93,7 @@ class CeleryBackend(Backend):
         self._warmup: asyncio.Task[None] | None = None
         self._store: StatusStore | None = None
         self._releasing: set[asyncio.Task[None]] = set()
+        self._index_spec = index_spec(self.options)
         if self.options.result_backend is None:
             # The core's capability flags are class variables; this one depends on the alias.
             self.__dict__["supports_status"] = False
@@ -138,7 +143,8 @@ class CeleryBackend(Backend):
             from ._redis import RedisPublisher
 
             # No Celery app needed: the queue key follows from the transport options alone.
-            transport = celery_config(self.options)["broker_transport_options"]
+            config = celery_config(self.options)
+            transport = config["broker_transport_options"]
             # With a result backend, each message's `queued` marker goes in the same round trip
             # (so status tells a queued call from an unknown one); the worker's claim deletes it.
             marker_ttl = 0.0
@@ -150,6 +156,7 @@ class CeleryBackend(Backend):
                 self._timeout,
                 key_prefix=self.options.key_prefix or "",
                 marker_ttl=marker_ttl,
+                index=self._index_spec if index_with_broker(self.options) else None,
             )
         app = self.app
         timeout = self._timeout
@@ -255,14 +262,8 @@ class CeleryBackend(Backend):
             messages, taken, skipped = await self._take_keys(messages)
         publisher = self.publisher
         try:
-            if messages and taken and isinstance(publisher, AmqpPublisher):
-                # Given up on (dispatch timeout) before it was written, the batch is withdrawn:
-                # never sent, so its keys go back, as when the broker refuses it.
-                skipped += await publisher.publish(
-                    messages, on_withdrawn=lambda: self._release_later(taken)
-                )
-            elif messages:
-                skipped += await publisher.publish(messages)
+            if messages:
+                skipped += await self._publish(publisher, messages, taken)
         except publisher.errors as exc:
             # Refused (not merely slow): give the keys back, so that dispatching again can work.
             self._release_later(taken)
@@ -276,6 +277,28 @@ class CeleryBackend(Backend):
                 "key_ttl",
                 task_id,
             )
+
+    async def _publish(
+        self, publisher: _Publisher, messages: list[TaskMessage], taken: list[str]
+    ) -> list[str]:
+        """Publish `messages`, and write what the publish cannot carry to the result backend's
+        Redis at the same time (`StatusStore.beside`): their `queued` markers with RabbitMQ,
+        their index rows when the broker is not that Redis (else the publisher indexes them in
+        its own round trip)."""
+        if taken and isinstance(publisher, AmqpPublisher):
+            # Given up on (dispatch timeout) before it was written, the batch is withdrawn:
+            # never sent, so its keys go back, as when the broker refuses it.
+            sending = publisher.publish(messages, on_withdrawn=lambda: self._release_later(taken))
+        else:
+            sending = publisher.publish(messages)
+        store = self.store
+        if store is None or not (store.index_apart or store.marks_queued):
+            return await sending
+        # Markers and index rows the publish cannot carry: written to the results' Redis while
+        # the publish is in flight, so the request waits one round trip, not two; a failed
+        # write is only logged.
+        skipped, _ = await asyncio.gather(sending, store.beside(messages))
+        return skipped
 
     async def _take_keys(
         self, messages: list[TaskMessage]
@@ -326,18 +349,48 @@ class CeleryBackend(Backend):
     async def status(self, task_id: str) -> TaskStatus | None:
         """The call's state from Celery's result meta, read with one MGET (redis.asyncio).
 
-        PENDING (no result): queued when dispatch left a `queued` marker (Redis broker) or the
+        PENDING (no result): queued when dispatch left a `queued` marker (`track_queued`) or the
         call's idempotency key names it, else None (unknown: Celery cannot tell a queued call
         from one it never saw). STARTED/PROGRESS: running, with the attempt, start time and the
         progress the task reported. RETRY: retrying, with the error. SUCCESS: succeeded, with the
-        result. FAILURE: failed, with the error's type and message. REVOKED: cancelled.
-        None without a result backend.
+        result. FAILURE: failed, with the error's type, message and traceback. REVOKED:
+        cancelled. Arguments where the meta (or the marker) keeps them. None without a result
+        backend.
         """
         store = self.store
         if store is None:
             return None
         snapshot = await self._read(store, task_id)
         return snapshot.status(self.alias)
+
+    async def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        """`status` of each of `task_ids`, read in one round trip (one MGET; one to each Redis
+        at once when the broker is another Redis than the results)."""
+        store = self.store
+        if store is None:
+            return [None] * len(task_ids)
+        try:
+            snapshots = await store.read_many(task_ids)
+        except store.errors as exc:
+            raise self._results_unavailable(exc) from exc
+        return [snapshot.status(self.alias) for snapshot in snapshots]
+
+    @property
+    def index(self) -> CallIndex | None:
+        """The alias's call index, in the result backend's Redis (`RedisIndex` under
+        `<key_prefix>taskbridge:index`): None without a result backend or with
+        `index_max_entries=0`. Dispatch adds calls to it in the round trip of their publish,
+        the worker moves them from state to state in the scripts of its result writes."""
+        store = self.store
+        return None if store is None else store.index()
+
+    async def kept_call(self, task_id: str) -> KeptCall | None:
+        """The task and arguments of a failed or cancelled call, from its result meta: kept by
+        taskbridge's worker (up to 64 KiB of JSON) or by Celery's `result_extended`."""
+        store = self.store
+        if store is None:
+            return None
+        return (await self._read(store, task_id)).kept_call()
 
     async def _read(self, store: StatusStore, task_id: str) -> Snapshot:
         try:
@@ -396,7 +449,7 @@ class CeleryBackend(Backend):
                     )
                 elif known is None:
                     detail = (
-                        "cancelled: it had not started (RabbitMQ does not say whether it is "
+                        "cancelled: it had not started (no queued marker says whether it is "
                         "queued); it will not run"
                     )
                 else:

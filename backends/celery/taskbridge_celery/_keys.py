@@ -15,15 +15,21 @@ times in epoch seconds (and `finished_at`); `tb_fields` reads both.
 Two keys of taskbridge's own, under the alias's `key_prefix`:
 
 - `taskbridge:queued:<id>`: written with the message, in the same round trip, when the broker is
-  Redis and there is a result backend, so that a call no worker took yet reads as "queued"
-  rather than Celery's PENDING ("unknown"). It serves only until a worker claims the call (the
-  result says STARTED from then on), so the claim deletes it: in the claim's own script when the
-  broker and the results share a Redis, else with one DEL on the broker's. Its TTL, the
-  broker's visibility timeout plus the call's delay, removes the marker of a call never claimed.
+  Redis and there is a result backend (with RabbitMQ, in the result backend's Redis while the
+  message is published, unless a worker stored a result first), so that a call no worker took
+  yet reads as "queued" rather than Celery's PENDING ("unknown"). It serves only until a worker
+  claims the call (the result says STARTED from then on), so the claim deletes it: in the
+  claim's own script when the markers and the results share a Redis, else with one DEL on the
+  broker's. Its TTL, the broker's visibility timeout (with RabbitMQ, `result_expires`) plus the
+  call's delay, removes the marker of a call never claimed.
 - `taskbridge:key:<id>`: held for `key_ttl` by the first dispatch of a call with an idempotency
   key; a dispatch that finds it held publishes nothing.
 
-Both hold the same small JSON: `{"task": name, "enqueued_at": epoch seconds}`.
+Both hold the same small JSON: `{"task": name, "enqueued_at": epoch seconds}`; the `queued`
+marker also holds the call's message body, `"call": [args, kwargs, embed]` (up to `KEPT_LIMIT`
+bytes), which a cancellation before the call starts keeps in the REVOKED result (`with_call`).
+
+The call index lives under `taskbridge:index` in the result backend's Redis (see `_index`).
 """
 
 from __future__ import annotations
@@ -33,15 +39,17 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ._options import CeleryOptions, celery_config
+from ._options import CeleryOptions, celery_config, redis_transport
 
 __all__ = [
     "CLAIM_SCRIPT",
     "DISPATCH_SCRIPT",
+    "KEPT_LIMIT",
     "LEGACY_FIELD",
     "PROGRESS_SCRIPT",
     "REVOKE_SCRIPT",
     "RUNNING_ONLY",
+    "STATES",
     "TB_FIELD",
     "TB_POSITIONS",
     "date_done_ms",
@@ -54,6 +62,7 @@ __all__ = [
     "result_key_prefix",
     "tb_fields",
     "tb_value",
+    "with_call",
 ]
 
 TB_FIELD = "tb"
@@ -89,6 +98,19 @@ DEFAULT_VISIBILITY = 3600.0
 RUNNING_ONLY = ("hostname", "pid", "pool", "async")
 """`tb` fields that only serve while the call runs (to cancel it): not kept in the final
 result, where each stored call is worth its bytes (they are the list's last positions)."""
+
+STATES: dict[str, str] = {
+    "RECEIVED": "running",
+    "STARTED": "running",
+    "PROGRESS": "running",
+    "RETRY": "retrying",
+    "SUCCESS": "succeeded",
+    "FAILURE": "failed",
+    "REJECTED": "failed",
+    "REVOKED": "cancelled",
+}
+"""Celery states (and taskbridge's PROGRESS) as taskbridge states; PENDING is "no result yet"
+and any other custom state a task sets with `update_state` counts as running."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -135,10 +157,26 @@ def marker_value(task_name: str, enqueued_at: float) -> bytes:
     return b'{"task":%b,"enqueued_at":%b}' % (name, repr(float(enqueued_at)).encode())
 
 
+KEPT_LIMIT = 64 * 1024
+"""Most bytes of JSON a call's kept arguments may take; larger ones are not kept."""
+
+
+def with_call(marker: bytes, body: bytes) -> bytes:
+    """A `queued` marker (`marker_value`) that also holds the call's message body, `[args,
+    kwargs, embed]` (JSON already), so that cancelling the call before it starts keeps its
+    arguments for a retry; the marker alone when the body is over `KEPT_LIMIT` bytes."""
+    if len(body) > KEPT_LIMIT:
+        return marker
+    return b'%b,"call":%b}' % (marker[:-1], body)
+
+
 def marker_life(options: CeleryOptions) -> float:
     """Seconds a `queued` marker outlives its call's delay if no worker claims the call: the
     broker's visibility timeout (a Redis broker delivers an unacknowledged message again after
-    it, so a call claimed later than that is one whose worker is gone)."""
+    it, so a call claimed later than that is one whose worker is gone); with RabbitMQ, which
+    keeps a message until a worker takes it, as long as results are kept."""
+    if not redis_transport(options):
+        return float(result_expires(options) or DEFAULT_EXPIRES)
     transport = celery_config(options)["broker_transport_options"]
     return float(transport.get("visibility_timeout") or DEFAULT_VISIBILITY)
 
@@ -234,10 +272,10 @@ def tb_fields(meta: Mapping[str, Any] | None) -> dict[str, Any]:
 
 # Dispatch on a Redis broker, in one round trip.
 # ARGV[1]: number of binding keys B; ARGV[2..1+B]: binding members. KEYS[1..B]: binding keys.
-# Then per message, 3 keys (queue list, queued marker, dedup key) and 5 arguments (envelope,
-# marker value, key life in ms, 0 for a call without an idempotency key, its request's
-# dispatch deadline in epoch ms by the API's clock, 0 for none, and the marker's life in ms,
-# 0 to write no marker).
+# Then per message, 3 keys (queue list, queued marker, dedup key) and 6 arguments (envelope,
+# dedup key value, key life in ms, 0 for a call without an idempotency key, its request's
+# dispatch deadline in epoch ms by the API's clock, 0 for none, the marker's life in ms, 0 to
+# write no marker, and the marker's value).
 # Returns the 1-based positions of the messages skipped because their dedup key was held, and
 # the negated positions of those refused because they arrived after their deadline (their
 # request gave up and was answered 503: they must never be queued then).
@@ -267,11 +305,11 @@ while k < #KEYS do
   end
   if push then
     if marker_ttl > 0 then
-      redis.call('SET', KEYS[k + 2], ARGV[a + 2], 'PX', marker_ttl)
+      redis.call('SET', KEYS[k + 2], ARGV[a + 6], 'PX', marker_ttl)
     end
     redis.call('LPUSH', KEYS[k + 1], ARGV[a + 1])
   end
-  k, a = k + 3, a + 5
+  k, a = k + 3, a + 6
 end
 return skipped
 """

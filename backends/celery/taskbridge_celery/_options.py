@@ -92,11 +92,17 @@ class CeleryOptions(BackendOptions):
     """Redis broker only: seconds before an unacknowledged message is delivered again
     (kombu's default is 3600). Must exceed the longest task and the longest delay."""
     track_queued: bool = True
-    """Redis broker with a result backend: write a `queued` marker with each call, in the same
-    round trip as the push, so that status says "queued" (not unknown) before a worker starts
-    it. False: the plain LPUSH, and calls not yet started read as unknown."""
+    """With a result backend: write a `queued` marker with each call, so that status says
+    "queued" (not unknown) before a worker starts it, and a call cancelled then keeps its
+    arguments: a Redis broker's in the same round trip as the push, with RabbitMQ in the result
+    backend's Redis while the message is published. False: calls not yet started read as
+    unknown (and a Redis broker gets the plain LPUSH)."""
     cancel_wait: float = Field(default=5.0, ge=0)
     """Seconds `cancel` waits for a worker to stop a running call before answering."""
+    index_max_entries: int = Field(default=100_000, ge=0)
+    """With a result backend: most calls the call index keeps (`GET /tasks`, `/tasks/stats`,
+    `/tasks/{id}/events`), the oldest dropped first; each is kept `result_expires` at most.
+    0 keeps no index."""
     celery: dict[str, Any] = Field(default_factory=dict)
     """Any other Celery setting by its lowercase name: `{"worker_max_tasks_per_child": 100}`."""
     # After `celery`: their validators read the URLs and the transport options.
@@ -301,11 +307,12 @@ def celery_config(options: CeleryOptions) -> dict[str, Any]:
     if is_sentinel(options.result_backend):
         _sentinel_options(options, results)
     config["result_backend_transport_options"] = results
-    if options.result_backend is not None and options.track_queued and redis_transport(options):
-        config[QUEUED_MARKERS] = {
-            "prefix": options.key_prefix or "",
-            "with_results": markers_with_results(options, transport, results),
-        }
+    if options.result_backend is not None and options.track_queued:
+        # (with RabbitMQ, the markers are written to the result backend's Redis)
+        with_results = not redis_transport(options) or markers_with_results(
+            options, transport, results
+        )
+        config[QUEUED_MARKERS] = {"prefix": options.key_prefix or "", "with_results": with_results}
     return config
 
 

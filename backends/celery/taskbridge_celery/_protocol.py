@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ class TaskMessage:
     or Celery's native delayed-delivery exchange for a delayed call on quorum queues."""
     routing_key: str = ""
     """Its AMQP routing key ("": the queue's name, through the default exchange)."""
+    retry_of: str | None = None
+    """The call this one runs again (`POST /tasks/{id}/retry`): not sent, only indexed."""
 
     @property
     def id(self) -> str:
@@ -96,6 +99,15 @@ class TaskMessage:
     def enqueued_at(self) -> float:
         """When the call was dispatched (epoch seconds)."""
         return float(self.headers[ENQUEUED_HEADER])
+
+    @property
+    def delay_ms(self) -> int:
+        """How long from now until a delayed call is due (its `eta` header); 0 for the others."""
+        eta = self.headers.get("eta")
+        if not eta:
+            return 0
+        due = eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))
+        return max(0, round((due.timestamp() - time.time()) * 1000))
 
 
 def time_limits(policy: Policy, is_async: bool) -> list[float | None]:
@@ -388,8 +400,9 @@ class MessageBuilder:
                     key_ttl,
                     exchange,
                     calculate_routing_key(int(policy.delay), routing_key),
+                    call.retry_of,
                 )
-        return TaskMessage(queue, headers, body, properties, key_ttl)
+        return TaskMessage(queue, headers, body, properties, key_ttl, retry_of=call.retry_of)
 
 
 _builders: dict[str, MessageBuilder] = {}

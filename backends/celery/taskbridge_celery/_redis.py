@@ -23,6 +23,11 @@ costs the broker more than a plain LPUSH (measured: 1.71x instead of 1.79x `dela
 requests/s), and a keyless batch can only arrive late if its bytes were on the wire when its
 request gave up; such a batch runs once (see the README).
 
+When the broker is the result backend's Redis, the call index (`_index`) is written in the same
+round trip: its ADD is one more command of the pipeline, an EVALSHA after the push (the plain
+LPUSH becomes a two-command pipeline), or, for a group with idempotency keys, part of the
+dispatch script itself, for the calls it queued.
+
 A `sentinel://` broker is reached through redis.asyncio's Sentinel client (`_sentinel`), with
 the transport options kombu's workers read (`master_name`, `sentinel_kwargs`): each connection
 goes to the master the Sentinels name, so dispatch follows a failover.
@@ -31,18 +36,17 @@ goes to the master the Sentinels name, so dispatch follows a failover.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, cast
 
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from taskbridge.backends import GroupCommit, dispatch_deadline
+from taskbridge.backends import ADD_SCRIPT, GroupCommit, dispatch_deadline
 
-from ._keys import DISPATCH_SCRIPT, dedup_key, marker_value, queued_key
+from ._index import DISPATCH_INDEXED, IndexSpec, Row, composed_args, row, run_in_pipeline
+from ._keys import DISPATCH_SCRIPT, dedup_key, marker_value, queued_key, with_call
 from ._protocol import TaskMessage, redis_binding, redis_envelope, redis_queue_key
 from ._sentinel import async_redis, close_async_redis
 
@@ -73,15 +77,10 @@ class _Entry:
     """When the request sending it gives up (epoch ms); 0: never."""
     marker_ttl_ms: int = 0
     """Life of its `queued` marker; 0: none is written."""
-
-
-def _delay_ms(message: TaskMessage) -> int:
-    """How long from now until a delayed call is due (its `eta` header); 0 for the others."""
-    eta = message.headers.get("eta")
-    if not eta:
-        return 0
-    due = eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))
-    return max(0, round((due.timestamp() - time.time()) * 1000))
+    row: Row | None = None
+    """Its row of the call index's ADD; None: not indexed here."""
+    queued: bytes = b""
+    """Its `queued` marker's value (with the call, see `_keys.with_call`); b"": none."""
 
 
 @dataclass
@@ -107,10 +106,12 @@ class RedisPublisher:
         *,
         key_prefix: str = "",
         marker_ttl: float = 0,
+        index: IndexSpec | None = None,
     ) -> None:
         """`key_prefix` prefixes the marker and dedup keys; `marker_ttl` is how long a `queued`
         marker outlives its call's delay, in seconds, if no worker claims the call (0: write
-        none, and push with plain LPUSH)."""
+        none, and push with plain LPUSH); `index`, the call index to add the calls to in the
+        same round trip (the broker's Redis is the result backend's)."""
         self._url = url
         self._transport = dict(transport_options)
         self._timeout = timeout
@@ -119,6 +120,8 @@ class RedisPublisher:
         self._state: _LoopState | None = None
         self._bound: set[str] = set()
         self._script: Any = None
+        self._index = index
+        self._add: Any = None
 
     def _for_loop(self) -> _LoopState:
         # redis.asyncio connections belong to the loop that opened them; scripts may run
@@ -145,21 +148,27 @@ class RedisPublisher:
         has them, with the ids of the keyed calls skipped because their key was held."""
         state = self._for_loop()
         marker_ms = self._marker_ttl_ms
+        indexed = self._index is not None
         deadline = dispatch_deadline()
         deadline_ms = 0 if deadline is None else int(deadline * 1000)
-        entries = [
-            _Entry(
-                m.queue,
-                redis_queue_key(m.queue, self._transport),
-                redis_envelope(m),
-                m.id,
-                marker_value(m.task, m.enqueued_at) if marker_ms or m.key_ttl is not None else b"",
-                0 if m.key_ttl is None else max(1, round(m.key_ttl * 1000)),
-                deadline_ms,
-                marker_ms + _delay_ms(m) if marker_ms else 0,
+        entries = []
+        for m in messages:
+            keyed = m.key_ttl is not None
+            marker = marker_value(m.task, m.enqueued_at) if marker_ms or keyed else b""
+            entries.append(
+                _Entry(
+                    m.queue,
+                    redis_queue_key(m.queue, self._transport),
+                    redis_envelope(m),
+                    m.id,
+                    marker,
+                    0 if m.key_ttl is None else max(1, round(m.key_ttl * 1000)),
+                    deadline_ms,
+                    marker_ms + m.delay_ms if marker_ms else 0,
+                    row(m) if indexed else None,
+                    with_call(marker, m.body) if marker_ms else b"",
+                )
             )
-            for m in messages
-        ]
         return await state.group.submit(entries)
 
     async def _send_group(
@@ -192,8 +201,8 @@ class RedisPublisher:
         by_key: dict[str, list[bytes]] = {}
         for entry in entries:
             by_key.setdefault(entry.key, []).append(entry.envelope)
-        marker_ttl = self._marker_ttl_ms
-        if len(by_key) == 1 and not unbound and not marker_ttl:
+        marker_ttl, index = self._marker_ttl_ms, self._index
+        if len(by_key) == 1 and not unbound and not marker_ttl and index is None:
             # The common case: one LPUSH of every message, atomic by itself. LPUSH of several
             # values keeps their order: the worker BRPOPs the oldest first.
             ((key, envelopes),) = by_key.items()
@@ -210,16 +219,24 @@ class RedisPublisher:
         if marker_ttl:
             prefix = self._prefix
             for entry in entries:  # after the push: a marker never names a call not queued
-                pipe.set(queued_key(prefix, entry.id), entry.marker, px=entry.marker_ttl_ms)
-        await pipe.execute()
+                pipe.set(queued_key(prefix, entry.id), entry.queued, px=entry.marker_ttl_ms)
+        if index is None:
+            await pipe.execute()
+        else:  # last, after the push (the index names calls queued), in the same round trip
+            if self._add is None:
+                self._add = client.register_script(ADD_SCRIPT)
+            rows = [entry.row for entry in entries if entry.row is not None]
+            await run_in_pipeline(client, pipe, self._add, index.add(rows))
         self._bound.update(unbound)
         return set(), set()
 
     async def _send_script(
         self, client: redis.asyncio.Redis, entries: list[_Entry], unbound: list[str]
     ) -> tuple[set[int], set[int]]:
+        index = self._index
         if self._script is None:
-            self._script = client.register_script(DISPATCH_SCRIPT)
+            script = DISPATCH_SCRIPT if index is None else DISPATCH_INDEXED
+            self._script = client.register_script(script)
         bindings = [redis_binding(queue, self._transport) for queue in unbound]
         keys: list[str] = [key for key, _ in bindings]
         args: list[Any] = [len(bindings), *(member for _, member in bindings)]
@@ -232,7 +249,11 @@ class RedisPublisher:
                 entry.key_ttl_ms,
                 entry.deadline_ms,
                 entry.marker_ttl_ms,
+                entry.queued,
             )
+        if index is not None:  # the calls the script queues are indexed by the same script
+            rows = [entry.row for entry in entries if entry.row is not None]
+            args = composed_args(args, index.add(rows))
         positions = [int(p) for p in await self._script(keys=keys, args=args, client=client)]
         return {p - 1 for p in positions if p > 0}, {-p - 1 for p in positions if p < 0}
 

@@ -23,6 +23,14 @@ progress survive into the final state. A final state drops the fields that only 
 call (worker, pool, pid: see `_keys.RUNNING_ONLY`); its finish time is Celery's `date_done`, from
 which its other times count back.
 
+With a call index (`_index`), each of these writes moves the call in the index in the same
+script: the claim to running, a progress report only publishes the change, and the stores of
+RETRY, SUCCESS, FAILURE and REVOKED to retrying, succeeded, failed and cancelled (a store is then
+one script, Celery's SET and PUBLISH, instead of Celery's MULTI/EXEC of the same). The stores of
+FAILURE, RETRY and REVOKED keep the call's `args` and `kwargs` (Celery's `result_extended`
+names, bounded: see `_index.kept_arguments`), so a failed or cancelled call can run again; a
+SUCCESS keeps its result only.
+
 A `sentinel://` result backend gets `TaskBridgeSentinelBackend`: the same, on Celery's own
 `SentinelBackend` (the master named by `result_backend_transport_options.master_name`, found
 through the Sentinels by redis-py, again after a failover; the scripts run on whichever master
@@ -46,10 +54,20 @@ from kombu.exceptions import EncodeError  # type: ignore[import-untyped]
 from kombu.utils.encoding import bytes_to_str  # type: ignore[import-untyped]
 from kombu.utils.json import dumps as json_dumps  # type: ignore[import-untyped]
 
+from ._index import (
+    CLAIM_INDEXED,
+    INDEX_SETTING,
+    PROGRESS_INDEXED,
+    STORE_INDEXED,
+    IndexSpec,
+    composed_args,
+    kept_arguments,
+)
 from ._keys import (
     CLAIM_SCRIPT,
     PROGRESS_SCRIPT,
     RUNNING_ONLY,
+    STATES,
     TB_FIELD,
     date_done_ms,
     queued_key,
@@ -70,6 +88,10 @@ PROGRESS = "PROGRESS"
 
 COMPACT = (",", ":")
 """JSON separators without blanks."""
+
+KEEPS_ARGUMENTS = frozenset({states.FAILURE, states.REVOKED, states.RETRY})
+"""States whose meta keeps the call's arguments (bounded, see `_index.kept_arguments`), so that
+a call that failed, or was cancelled (between attempts too), can be run again."""
 
 CLAIM_TRIES = 3
 """Claims of one attempt at most: the second replaces a final result of an earlier dispatch;
@@ -105,6 +127,9 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
 
     _claim_script: Any = None
     _progress_script: Any = None
+    _store_script: Any = None
+    _index: IndexSpec | None = None
+    _index_read = False
     _markers: tuple[str, bool] | None = None
     """The `queued` markers' key prefix and whether they live in this Redis; None: none."""
     _markers_read = False
@@ -143,11 +168,62 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
         if state in states.READY_STATES:
             for name in RUNNING_ONLY:
                 fields.pop(name, None)
+        if state in KEEPS_ARGUMENTS and "args" not in meta and request is not None:
+            meta.update(
+                kept_arguments(getattr(request, "args", None), getattr(request, "kwargs", None))
+                or {}
+            )
         try:
-            self._set_with_state(self.get_key_for_task(task_id), self._finish(meta, fields), state)
+            self._store_meta(task_id, self._finish(meta, fields), state, fields)
         except BackendStoreError as ex:
             raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
         return result
+
+    def _store_meta(self, task_id: str, value: Any, state: str, fields: dict[str, Any]) -> None:
+        """Store a result meta as Celery does; with an index, move the call to the state's
+        index state in the same script."""
+        key = self.get_key_for_task(task_id)
+        spec = self.index_spec()
+        if spec is None or state == states.PENDING:
+            self._set_with_state(key, value, state)
+            return
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:  # as Celery's `set`
+            raise BackendStoreError("value too large for Redis backend")
+        moved = STATES.get(state, "running")
+        index = spec.move(task_id, moved, fields.get("task"), fields.get("enqueued_at"))
+        self.ensure(self._store_indexed, (key, composed_args([value, self.expires or 0], index)))
+
+    def _store_indexed(self, key: str, args: list[Any]) -> Any:
+        if self._store_script is None:
+            self._store_script = self.client.register_script(STORE_INDEXED)
+        return self._store_script(keys=[key], args=args)
+
+    def index_spec(self) -> IndexSpec | None:
+        """The call index this worker moves calls in (None: the alias keeps none)."""
+        if not self._index_read:
+            self._index = IndexSpec.from_setting(self.app.conf.get(INDEX_SETTING))
+            self._index_read = True
+        return self._index
+
+    def keep_arguments(self, request: Any, meta: dict[str, Any]) -> None:
+        """Add the call's arguments to the REVOKED meta the API stored when it cancelled the
+        call before any worker had it (the API never has them): once its message reaches a
+        worker, the cancelled call can be run again. A failure only leaves them out."""
+        if meta.get("status") != states.REVOKED or "args" in meta:
+            return
+        kept = kept_arguments(getattr(request, "args", None), getattr(request, "kwargs", None))
+        if kept is None:
+            return
+        # ...with its task and enqueue time, which the API did not know either on RabbitMQ
+        fields = tb_fields(meta)
+        for name, value in request_fields(request, states.REVOKED).items():
+            if name != "attempt":  # it never started
+                fields.setdefault(name, value)
+        try:
+            value = self.encode({**meta, **kept, TB_FIELD: tb_value(fields, date_done_ms(meta))})
+            self.client.set(self.get_key_for_task(request.id), value, xx=True, keepttl=True)
+        except Exception as exc:
+            logger.debug("arguments of cancelled call %s not kept: %s", request.id, exc)
 
     def _finish(self, meta: dict[str, Any], fields: dict[str, Any]) -> Any:
         """`meta` with the `tb` field of `fields`, encoded, without a traceback of None."""
@@ -186,7 +262,9 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
         found: dict[str, Any] | None = None
         replacing: bytes | str = ""
         for _ in range(CLAIM_TRIES):
-            current = self.ensure(self._claim, (keys, [meta, self.expires or 0, replacing]))
+            current = self.ensure(
+                self._claim, (keys, [meta, self.expires or 0, replacing], request)
+            )
             found = None if not current else self.decode(current)
             if found is None or not _earlier_dispatch(found, fields.get("enqueued_at")):
                 break
@@ -195,9 +273,15 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
             self._delete_marker(queued_key(markers[0], request.id))
         return found, fields
 
-    def _claim(self, keys: list[str], args: list[Any]) -> Any:
+    def _claim(self, keys: list[str], args: list[Any], request: Any) -> Any:
+        spec = self.index_spec()
         if self._claim_script is None:
-            self._claim_script = self.client.register_script(CLAIM_SCRIPT)
+            script = CLAIM_SCRIPT if spec is None else CLAIM_INDEXED
+            self._claim_script = self.client.register_script(script)
+        if spec is not None:  # moved to running in the index by the same script
+            fields = request_fields(request, states.STARTED)
+            index = spec.move(request.id, "running", fields.get("task"), fields.get("enqueued_at"))
+            args = composed_args(args, index)
         return self._claim_script(keys=keys, args=args)
 
     def _marker_setting(self) -> tuple[str, bool] | None:
@@ -223,11 +307,16 @@ class TaskBridgeRedisBackend(RedisBackend):  # type: ignore[misc]
         result = {"progress": fields.get("progress"), "message": fields.get("progress_message")}
         meta = self._meta(request, PROGRESS, result, fields)
         key = self.get_key_for_task(request.id)
-        self.ensure(self._progress, (key, [meta, self.expires or 0]))
+        args: list[Any] = [meta, self.expires or 0]
+        spec = self.index_spec()
+        if spec is not None:  # a change (no new state) the index publishes, in the same script
+            args = composed_args(args, spec.move(request.id, None))
+        self.ensure(self._progress, (key, args))
 
     def _progress(self, key: str, args: list[Any]) -> Any:
         if self._progress_script is None:
-            self._progress_script = self.client.register_script(PROGRESS_SCRIPT)
+            script = PROGRESS_SCRIPT if self.index_spec() is None else PROGRESS_INDEXED
+            self._progress_script = self.client.register_script(script)
         return self._progress_script(keys=[key], args=args)
 
 

@@ -6,6 +6,9 @@ Nothing here goes through Celery: a status is one MGET (two GETs when the broker
 Redis than the results), never a thread or a blocking client. A `sentinel://` result backend
 (or broker) is reached through redis.asyncio's Sentinel client, with the transport options
 Celery and kombu read (`master_name`, `sentinel_kwargs`), so it follows a failover (`_sentinel`).
+
+The alias's call index (`RedisIndex`, see `_index`) is read and watched over the same client of
+the results' Redis, one per event loop.
 """
 
 from __future__ import annotations
@@ -22,15 +25,26 @@ from typing import Any
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from taskbridge.backends import TaskErrorInfo, TaskStatus, timestamp
+from taskbridge.backends import KeptCall, RedisIndex, TaskErrorInfo, TaskStatus, timestamp
 
+from ._index import (
+    REVOKE_INDEXED,
+    BesideWriter,
+    Mark,
+    composed_args,
+    index_spec,
+    index_with_broker,
+    row,
+)
 from ._keys import (
     REVOKE_SCRIPT,
     RUNNING_ONLY,
+    STATES,
     TB_FIELD,
     date_done_ms,
     decode_json,
     dedup_key,
+    marker_life,
     marker_value,
     own_prefix,
     queued_key,
@@ -39,6 +53,7 @@ from ._keys import (
     result_key_prefix,
     tb_fields,
     tb_value,
+    with_call,
 )
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import TaskMessage
@@ -46,18 +61,8 @@ from ._sentinel import async_redis, close_async_redis, is_sentinel
 
 __all__ = ["STATES", "Snapshot", "StatusStore", "error_info"]
 
-STATES: dict[str, str] = {
-    "RECEIVED": "running",
-    "STARTED": "running",
-    "PROGRESS": "running",
-    "RETRY": "retrying",
-    "SUCCESS": "succeeded",
-    "FAILURE": "failed",
-    "REJECTED": "failed",
-    "REVOKED": "cancelled",
-}
-"""Celery states (and taskbridge's PROGRESS) as taskbridge states; PENDING is "no result yet"
-and any other custom state a task sets with `update_state` counts as running."""
+KEPT_FIELDS = ("name", "args", "kwargs")
+"""The fields of a meta that keep a call's task and arguments (Celery's `result_extended`)."""
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -126,12 +131,15 @@ class Snapshot:
             if not self.marker:
                 return None
             name = marker.get("task")
+            kept = self.marker_call() or {}
             return TaskStatus(
                 id=self.id,
                 task_name=name if isinstance(name, str) else None,
                 backend=alias,
                 state="queued",
                 enqueued_at=timestamp(_number(marker.get("enqueued_at"))),
+                args=kept.get("args"),
+                kwargs=kept.get("kwargs"),
             )
         tb = self.tb
         state = STATES.get(self.celery_state, "running")
@@ -152,8 +160,66 @@ class Snapshot:
             started_at=timestamp(_number(tb.get("started_at"))),
             finished_at=_finished(meta, tb) if state in TERMINAL else None,
             result=meta.get("result") if state == "succeeded" else None,
-            error=error_info(meta.get("result")) if state in ("failed", "retrying") else None,
+            error=self._error() if state in ("failed", "retrying") else None,
+            args=self.args,
+            kwargs=self.kwargs,
         )
+
+    def _error(self) -> TaskErrorInfo | None:
+        assert self.meta is not None
+        error = error_info(self.meta.get("result"))
+        trace = self.meta.get("traceback")
+        if error is not None and isinstance(trace, str) and trace:
+            error.traceback = trace
+        return error
+
+    @property
+    def args(self) -> list[Any] | None:
+        """The call's positional arguments, where the meta keeps them (`result_extended`, or
+        taskbridge's worker for a call that failed, is retrying or was cancelled)."""
+        found = _kept(self.meta, "args")
+        return list(found) if isinstance(found, list | tuple) else None
+
+    @property
+    def kwargs(self) -> dict[str, Any] | None:
+        """The call's keyword arguments, where the meta keeps them."""
+        found = _kept(self.meta, "kwargs")
+        return dict(found) if isinstance(found, Mapping) else None
+
+    def marker_call(self) -> dict[str, Any] | None:
+        """`{"args", "kwargs"}` of the call's message body its `queued` marker holds."""
+        call = (self.marker or {}).get("call")
+        if isinstance(call, list) and len(call) >= 2:
+            args, kwargs = call[0], call[1]
+            if isinstance(args, list) and isinstance(kwargs, dict):
+                return {"args": args, "kwargs": kwargs}
+        return None
+
+    def kept_call(self) -> KeptCall | None:
+        """The task and arguments of a call that failed or was cancelled, when its meta keeps
+        them (Celery's `result_extended` fields, which taskbridge's worker writes too)."""
+        if self.meta is None or STATES.get(self.celery_state) not in ("failed", "cancelled"):
+            return None
+        name = self.tb.get("task", self.meta.get("name"))
+        args, kwargs = self.args, self.kwargs
+        if not isinstance(name, str) or not name or args is None:
+            return None
+        if kwargs is None and self.meta.get("kwargs") is not None:
+            return None  # kept, but not as a mapping
+        return KeptCall(task_name=name, args=tuple(args), kwargs=kwargs or {})
+
+
+def _kept(meta: Mapping[str, Any] | None, name: str) -> Any:
+    """A kept-argument field of `meta` (JSON text, as Celery's database backends store it, is
+    read too)."""
+    if meta is None:
+        return None
+    found = meta.get(name)
+    if isinstance(found, str):
+        with contextlib.suppress(ValueError):
+            return json.loads(found)
+        return None
+    return found
 
 
 def revoked_meta(snapshot: Snapshot, reason: str) -> bytes:
@@ -178,6 +244,13 @@ def revoked_meta(snapshot: Snapshot, reason: str) -> bytes:
         "date_done": now.isoformat(),
         "task_id": snapshot.id,
     }
+    # Its arguments are kept for a retry: from the meta (between attempts) or the marker.
+    kept = snapshot.meta or {}
+    for name in KEPT_FIELDS:
+        if name in kept:
+            meta[name] = kept[name]
+    if "args" not in meta:
+        meta.update(snapshot.marker_call() or {})
     meta[TB_FIELD] = tb_value(fields, date_done_ms(meta))
     return json.dumps(meta, separators=(",", ":")).encode()
 
@@ -189,6 +262,8 @@ class _Clients:
     markers: redis.asyncio.Redis | None
     """The broker's Redis when markers live there and it is another server or database."""
     revoke: Any = field(default=None)
+    index: RedisIndex | None = None
+    writer: BesideWriter | None = None
 
 
 class StatusStore:
@@ -212,6 +287,13 @@ class StatusStore:
         self._result_prefix = result_key_prefix(options)
         self._prefix = own_prefix(options)
         self.expires = result_expires(options)
+        self.index_spec = index_spec(options)
+        """Where the alias's call index is (None: it keeps none)."""
+        self.index_apart = self.index_spec is not None and not index_with_broker(options)
+        """Whether dispatch indexes calls from here (`beside`): the broker is not this Redis."""
+        self.marks_queued = not redis_transport(options) and options.track_queued
+        """Whether dispatch writes `queued` markers from here (`beside`): a RabbitMQ broker."""
+        self._marker_ms = round(marker_life(options) * 1000)
         self._timeout = timeout
         self._clients: _Clients | None = None
 
@@ -238,6 +320,40 @@ class StatusStore:
             self._clients = _Clients(loop, results, markers)
         return self._clients
 
+    def index(self) -> RedisIndex | None:
+        """The call index, over the running loop's client of the results' Redis (None: no
+        index). Asked for on the event loop (RuntimeError outside one)."""
+        spec = self.index_spec
+        if spec is None:
+            return None
+        clients = self._for_loop()
+        if clients.index is None:
+            clients.index = RedisIndex(
+                clients.results, spec.prefix, ttl=spec.ttl_ms / 1000, max_entries=spec.max_entries
+            )
+        return clients.index
+
+    async def beside(self, messages: Sequence[TaskMessage]) -> None:
+        """Write what the publish of `messages` cannot carry to the results' Redis: their
+        `queued` markers (RabbitMQ broker) and their index rows (a broker other than this Redis).
+        Run while they are published; a failure is logged, never raised."""
+        marks: list[Mark] = []
+        if self.marks_queued:
+            marks = [
+                (
+                    result_key(self._result_prefix, m.id),
+                    queued_key(self._prefix, m.id),
+                    with_call(marker_value(m.task, m.enqueued_at), m.body),
+                    self._marker_ms + m.delay_ms,
+                )
+                for m in messages
+            ]
+        rows = [row(m) for m in messages] if self.index_apart else []
+        clients = self._for_loop()
+        if clients.writer is None:
+            clients.writer = BesideWriter(clients.results, self.index_spec)
+        await clients.writer.write(marks, rows)
+
     async def read(self, task_id: str) -> Snapshot:
         """The call's result meta and marker, in one round trip when they share a Redis."""
         clients = self._for_loop()
@@ -254,15 +370,54 @@ class StatusStore:
         marker = next((m for m in map(decode_json, raw_markers) if m is not None), None)
         return Snapshot(task_id, decode_json(raw_meta), marker)
 
+    async def read_many(self, task_ids: Sequence[str]) -> list[Snapshot]:
+        """`read` of each of `task_ids`, in one round trip: one MGET, or one to each Redis at
+        once when the markers live in the broker's (used, as `read` uses them, only for calls
+        with no result yet)."""
+        if not task_ids:
+            return []
+        clients = self._for_loop()
+        meta_keys = [result_key(self._result_prefix, task_id) for task_id in task_ids]
+        marker_keys = [
+            key
+            for task_id in task_ids
+            for key in (queued_key(self._prefix, task_id), dedup_key(self._prefix, task_id))
+        ]
+        if clients.markers is None:
+            raw = await clients.results.mget([*meta_keys, *marker_keys])
+            raw_metas, raw_markers = raw[: len(task_ids)], raw[len(task_ids) :]
+        else:
+            raw_metas, raw_markers = await asyncio.gather(
+                clients.results.mget(meta_keys), clients.markers.mget(marker_keys)
+            )
+        found = []
+        for i, task_id in enumerate(task_ids):
+            meta = decode_json(raw_metas[i])
+            marker = None
+            if clients.markers is None or meta is None or meta.get("status") == "PENDING":
+                pair = raw_markers[2 * i : 2 * i + 2]
+                marker = next((m for m in map(decode_json, pair) if m is not None), None)
+            found.append(Snapshot(task_id, meta, marker))
+        return found
+
     async def revoke(self, snapshot: Snapshot, reason: str) -> Snapshot | None:
         """Store REVOKED for a call no worker claimed (None); if one did meanwhile, or the call
         ended, store nothing and return what the result now says."""
         clients = self._for_loop()
+        spec = self.index_spec
         if clients.revoke is None:
-            clients.revoke = clients.results.register_script(REVOKE_SCRIPT)
+            script = REVOKE_SCRIPT if spec is None else REVOKE_INDEXED
+            clients.revoke = clients.results.register_script(script)
+        args: list[Any] = [revoked_meta(snapshot, reason), self.expires]
+        if spec is not None:  # and moved to cancelled in the index, by the same script
+            marker = snapshot.marker or {}
+            fields = {**marker, **snapshot.tb}
+            args = composed_args(
+                args,
+                spec.move(snapshot.id, "cancelled", fields.get("task"), fields.get("enqueued_at")),
+            )
         current = await clients.revoke(
-            keys=[result_key(self._result_prefix, snapshot.id)],
-            args=[revoked_meta(snapshot, reason), self.expires],
+            keys=[result_key(self._result_prefix, snapshot.id)], args=args
         )
         if not current:
             return None
@@ -291,6 +446,10 @@ class StatusStore:
         clients, self._clients = self._clients, None
         if clients is None or clients.loop is not asyncio.get_running_loop():
             return
+        if clients.index is not None:
+            await clients.index.close()
+        if clients.writer is not None:
+            await clients.writer.wait_idle()
         await close_async_redis(clients.results)
         if clients.markers is not None:
             await close_async_redis(clients.markers)

@@ -36,6 +36,7 @@ from taskbridge.backends import (
 
 from ._health import watch_connection
 from ._inbound import guarded_strategy
+from ._index import INDEX_SETTING, index_spec
 from ._options import CeleryOptions, celery_config, redis_transport
 from ._protocol import (
     HARD_LIMIT_GRACE,
@@ -92,6 +93,9 @@ def build_app(options: CeleryOptions, *, worker: bool = False) -> Celery:
     if options.result_backend is not None:
         # conf.result_backend stays the configured URL (for Flower and the celery tools).
         app.backend_cls = backend_cls(options.result_backend)
+    spec = index_spec(options)
+    if spec is not None:  # where the worker's result writes move calls in the call index
+        app.conf[INDEX_SETTING] = spec.setting()
     return app
 
 
@@ -215,11 +219,14 @@ def _execute(
     if isinstance(backend, TaskBridgeRedisBackend):
         current, fields = backend.claim(request, _pool, task.is_async)
         if current is not None:
+            revoked = current.get("status") == "REVOKED"
             why = (
                 "it was cancelled before it started"
-                if current.get("status") == "REVOKED"
+                if revoked
                 else "it already succeeded (its message was delivered again)"
             )
+            if revoked:
+                backend.keep_arguments(request, current)
             logger.warning("task %s [%s] not run: %s", task.name, request.id, why)
             raise _ignore()
         reporter = _Reporter(backend, request, fields)

@@ -161,6 +161,15 @@ def build(settings: Mapping[str, Any] | None = None, routed_queue: str | None = 
         _record(key, phase="finished")
         return {"key": key, "pid": os.getpid()}
 
+    @bridge.task(name="tb.steps", backend="celery")
+    def steps(key: str, first: str, second: str) -> str:
+        """Waits for the gate `first`, reports progress, waits for `second`: a call whose
+        changes the test can tell apart."""
+        _wait_gate(first)
+        report_progress(0.5, "halfway")
+        _wait_gate(second)
+        return key
+
     return bridge
 
 

@@ -40,7 +40,10 @@ def _taskbridge_writes(key: str) -> bool:
     """Whether taskbridge (API side or worker) writes `key`: its own keys and the results. The
     others under a prefix are the engine's bounded structures (queue lists the worker empties,
     kombu's binding set per queue, the unacked index of messages in flight) and the records of
-    the test tasks."""
+    the test tasks. The call index (`taskbridge:index:*`) is bounded as well: each dispatch
+    trims it to `index_max_entries` calls of the last `result_expires` (see test_index.py)."""
+    if "taskbridge:index:" in key:
+        return False
     return "taskbridge:" in key or "celery-task-meta-" in key
 
 

@@ -79,7 +79,6 @@ async def test_a_call_between_attempts_is_retrying(stack: Stack) -> None:
     async with opened(stack.bridge) as bridge:
         once = bridge.get_task("tb.once").using(retries=1, retry_backoff=0.6, retry_jitter=False)
         handle = await once.enqueue(key, 1)  # the first attempt fails
-        # (on RabbitMQ a call not yet claimed by the worker is "unknown": nothing says queued)
         retrying = await until(
             handle.info,
             lambda s: s.state not in ("queued", "running", "unknown"),
@@ -109,15 +108,10 @@ async def test_a_queued_call_cancelled_never_runs_even_on_a_worker_that_never_sa
             doomed = await record.enqueue(first, "never")
             after = await record.enqueue(later, "runs")
             queued = await doomed.info()
-            if stack.broker == "redis":  # the dispatch script left a queued marker
-                assert (queued.state, queued.task_name, queued.attempts) == (
-                    "queued",
-                    "tb.record",
-                    0,
-                )
-                assert queued.enqueued_at is not None
-            else:  # RabbitMQ cannot say: Celery's PENDING, unknown
-                assert queued.state == "unknown"
+            # Dispatch left a queued marker (with RabbitMQ, in the results' Redis).
+            assert (queued.state, queued.task_name, queued.attempts) == ("queued", "tb.record", 0)
+            assert queued.enqueued_at is not None
+            assert (queued.args, queued.kwargs) == ([first, "never"], {})
 
             answer = await doomed.cancel()
             assert (answer.cancelled, answer.state) == (True, "cancelled"), answer.detail
