@@ -87,6 +87,9 @@ async def arq_native_noop(ctx: dict[str, Any], n: int) -> None:
 # (FastAPI reads the endpoints' annotations from this module's globals: Tasks, BackgroundTasks)
 
 
+INDEX_ENTRIES = 100_000 if os.environ.get("SOAK_INDEX") == "1" else 0
+
+
 def _bridge() -> Any:
     from taskbridge import TaskBridge
 
@@ -94,12 +97,20 @@ def _bridge() -> Any:
     bridge = TaskBridge(
         {
             "backends": {
+                # Like for like with the engines alone: without the call index (what
+                # `GET /tasks` reads, which they do not keep; bounded by index_max_entries).
+                # SOAK_INDEX=1 keeps it, to measure what it costs.
                 "celery": {
                     "broker_url": _env("tb-celery"),
                     "result_backend": _env("tb-celery"),
                     "default_queue": f"{run}-celery",
+                    "index_max_entries": INDEX_ENTRIES,
                 },
-                "arq": {"redis_url": _env("tb-arq"), "queue_name": f"{run}:arq"},
+                "arq": {
+                    "redis_url": _env("tb-arq"),
+                    "queue_name": f"{run}:arq",
+                    "index_max_entries": INDEX_ENTRIES,
+                },
                 # The in-process status store reaches its steady size within the warm-up (with
                 # the default hour it grows by ~800 B a call up to its cap, by design).
                 "inprocess": {"status_ttl": STATUS_TTL},
