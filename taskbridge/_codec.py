@@ -5,12 +5,18 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._exceptions import MessageError, TaskArgumentError
 
-__all__ = ["bind_arguments", "decode_json", "encode_json", "normalize_arguments"]
+__all__ = [
+    "bind_arguments",
+    "decode_json",
+    "encode_json",
+    "json_arguments",
+    "normalize_arguments",
+]
 
 _HINTS: dict[str, str] = {
     "datetime": "pass value.isoformat()",
@@ -119,6 +125,22 @@ def normalize_arguments(
         else:
             bound.arguments[name] = _normalize(value, name, task_name, name)
     return list(bound.args), dict(bound.kwargs)
+
+
+def json_arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any], limit: int
+) -> tuple[list[Any], dict[str, Any]] | None:
+    """A call's arguments as JSON values (normalised as `normalize_arguments` does), when they
+    are JSON and take at most `limit` bytes encoded; None otherwise. (What a backend keeps of a
+    failed call's arguments to show and run again: the caller's objects need not be JSON.)"""
+    try:
+        json_args = _normalize(list(args), "args", "", "args")
+        json_kwargs = _normalize(dict(kwargs), "kwargs", "", "kwargs")
+    except TaskArgumentError:
+        return None
+    if len(encode_json([json_args, json_kwargs])) > limit:
+        return None
+    return json_args, json_kwargs
 
 
 def encode_json(value: Any) -> bytes:

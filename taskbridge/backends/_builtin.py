@@ -3,33 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 from fastapi import BackgroundTasks
-from pydantic import Field
+from pydantic import Field, field_validator
 from starlette.background import BackgroundTask
 
 from .._backends import Backend, BackendOptions
+from .._exceptions import BackendUnavailable, ConfigurationError
+from .._ledger import CallIndex, Counts, Cursor, IndexPage, Watchers
 from .._runner import Outcome, TaskContext, run, run_with_retries
+from .._settings import env_name
 from .._status import (
     CancelResult,
+    KeptCall,
+    MemoryIndex,
     MemoryStatusStore,
     TaskErrorInfo,
     TaskStatus,
+    newest_page,
     timestamp,
+    to_ms,
 )
 from .._task import TaskCall
+from ._redis_url import check_redis_url
 
 __all__ = [
     "ImmediateBackend",
     "InProcessBackend",
+    "InProcessOptions",
     "KeyGuard",
     "MemoryReporter",
     "RecordingBackend",
+    "SharedInProcessBackend",
+    "StoreOptions",
     "run_in_process",
     "spawn_in_process",
 ]
@@ -49,10 +62,31 @@ def _json_or_repr(value: Any) -> Any:
     return value
 
 
+MAX_TRACEBACK = 16 * 1024
+"""Most bytes (UTF-8) of a failure's formatted traceback kept in its status: the end of it,
+where the raising line is."""
+
+
 def error_info(error: BaseException) -> TaskErrorInfo:
-    """The travelling form of an exception: qualified type name and message."""
+    """The travelling form of an exception: qualified type name, message and (the end of) its
+    formatted traceback."""
     kind = type(error)
-    return TaskErrorInfo(type=f"{kind.__module__}.{kind.__qualname__}", message=str(error))
+    return TaskErrorInfo(
+        type=f"{kind.__module__}.{kind.__qualname__}",
+        message=str(error),
+        traceback=None if error.__traceback__ is None else _bounded_traceback(error),
+    )
+
+
+def _bounded_traceback(error: BaseException) -> str:
+    formatted = "".join(traceback.format_exception(error))
+    if len(formatted) * 4 <= MAX_TRACEBACK:  # short enough whatever its characters
+        return formatted
+    raw = formatted.encode(errors="replace")
+    if len(raw) <= MAX_TRACEBACK:
+        return formatted
+    marker = "[...]\n"
+    return marker + raw[len(raw) - MAX_TRACEBACK + len(marker) :].decode(errors="ignore")
 
 
 class MemoryReporter:
@@ -62,7 +96,9 @@ class MemoryReporter:
         self.store = store
 
     def queued(self, call: TaskCall) -> None:
-        self.store.queued(call.id, call.task.name, call.policy.backend, call.enqueued_at)
+        self.store.queued(
+            call.id, call.task.name, call.policy.backend, call.enqueued_at, call.retry_of
+        )
 
     def started(self, context: TaskContext) -> None:
         self.store.change(
@@ -114,6 +150,10 @@ class MemoryReporter:
     def cancelled(self, task_id: str) -> None:
         self.store.update(task_id, state="cancelled", finished_at=time.time())
 
+    def keep(self, call: TaskCall) -> None:
+        """Keep the arguments of a call that failed or was cancelled, to run it again."""
+        self.store.keep(call.id, call.task.name, call.args, call.kwargs)
+
 
 class KeyGuard:
     """Remembers idempotency-keyed call ids for their key_ttl, in this process."""
@@ -146,7 +186,8 @@ async def run_in_process(
     for its delay) is cancelled through the asyncio task its record names.
     """
     store = reporter.store
-    if store.state(call.id) == "cancelled":
+    if store.state(call.id) == "cancelled":  # before it started
+        reporter.keep(call)
         return
     cancellable = call.task.is_async or bool(call.policy.delay)
     if cancellable:
@@ -169,14 +210,17 @@ async def run_in_process(
             reporter=reporter,
             trace=call.trace,
         )
-        if on_failure is not None and outcome.error is not None:
-            on_failure(outcome.error)
+        if outcome.error is not None:
+            reporter.keep(call)
+            if on_failure is not None:
+                on_failure(outcome.error)
     except asyncio.CancelledError:
         if call.id not in store.cancel_requested:
             raise
         running = asyncio.current_task()
         assert running is not None
         running.uncancel()
+        reporter.keep(call)
         reporter.cancelled(call.id)
     finally:
         if cancellable:
@@ -234,6 +278,30 @@ class StoreOptions(BackendOptions):
     up to ~28 calls/s; above that rate, the last `status_max_entries / rate` seconds."""
 
 
+class InProcessOptions(StoreOptions):
+    """Options of the in-process backend: those of its status store, and a Redis that every API
+    process shares its calls' status through (`status_url`; see `_shared`)."""
+
+    status_url: str | None = None
+    """`redis://`, `rediss://` or `sentinel://` URL: every API process records its in-process
+    calls there and reads the others' (needs `fastapi-taskbridge[redis]`). Unset, each process
+    knows only the calls it ran."""
+    status_prefix: str = Field(default="taskbridge:inprocess", min_length=1)
+    """Prefix of the keys and channels written there (apps sharing a Redis give each its own)."""
+    status_sentinel_master: str = Field(default="mymaster", min_length=1)
+    """With a `sentinel://` URL: the name of the master the Sentinels monitor."""
+    status_flush_interval: float = Field(default=0.005, gt=0, le=60)
+    """Seconds changes wait to be written together, in one pipeline (sooner once 1,000 wait)."""
+
+    @field_validator("status_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        check_redis_url(value)
+        return value
+
+
 class _StoreBackend(Backend):
     """Calls run in this process; their status lives in a bounded in-memory store."""
 
@@ -244,16 +312,33 @@ class _StoreBackend(Backend):
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         super().__init__(alias, options)
         assert isinstance(self.options, StoreOptions)
-        self.reporter = MemoryReporter(
-            MemoryStatusStore(self.options.status_max_entries, self.options.status_ttl)
-        )
+        self.reporter = MemoryReporter(self.new_store(self.options))
         self.keys = KeyGuard()
+        self.memory_index = MemoryIndex(self.reporter.store)
+
+    def new_store(self, options: StoreOptions) -> MemoryStatusStore:
+        """The status store of this backend's calls."""
+        return MemoryStatusStore(options.status_max_entries, options.status_ttl)
 
     async def status(self, task_id: str) -> TaskStatus | None:
         return self.reporter.store.get(task_id)
 
+    async def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        get = self.reporter.store.get
+        return [get(task_id) for task_id in task_ids]
+
+    @property
+    def index(self) -> CallIndex | None:
+        """The calls of the status store (a scan of it for a page), and their changes."""
+        return self.memory_index
+
+    async def kept_call(self, task_id: str) -> KeptCall | None:
+        """The caller's own arguments of one of the latest 1,000 calls that failed or were
+        cancelled (`KEPT_CALLS`)."""
+        return self.reporter.store.kept_call(task_id)
+
     async def cancel(self, task_id: str) -> CancelResult:
-        known = await self.status(task_id)
+        known = self.reporter.store.get(task_id)
         if known is None:
             return CancelResult(
                 id=task_id, cancelled=False, state="unknown", detail="no such call in this process"
@@ -295,6 +380,15 @@ class InProcessBackend(_StoreBackend):
 
     runs_in_process: ClassVar[bool] = True
     supports_delay: ClassVar[bool] = True
+    options_model: ClassVar[type[BackendOptions]] = InProcessOptions
+
+    def __new__(cls, alias: str, options: Mapping[str, Any]) -> InProcessBackend:
+        # With `status_url`, the backend that shares status through Redis: a class of its own,
+        # so that the plain one keeps no `open` (its store then survives a change of event
+        # loop, see Dispatcher.open).
+        if cls is InProcessBackend and options.get("status_url"):
+            return super().__new__(SharedInProcessBackend)
+        return super().__new__(cls)
 
     def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
         super().__init__(alias, options)
@@ -338,7 +432,7 @@ class ImmediateBackend(_StoreBackend):
         for call in filter(self.keys.admit, calls):
             reporter.queued(call)
             immediate = replace(call.policy, retry_backoff=0.0, retry_jitter=False, delay=None)
-            await run_with_retries(
+            outcome = await run_with_retries(
                 call.task,
                 call.args,
                 call.kwargs,
@@ -347,6 +441,8 @@ class ImmediateBackend(_StoreBackend):
                 reporter=reporter,
                 trace=call.trace,
             )
+            if outcome.error is not None:
+                reporter.keep(call)
 
 
 class RecordingBackend(Backend):
@@ -365,6 +461,7 @@ class RecordingBackend(Backend):
         super().__init__(alias, options)
         self.calls: list[TaskCall] = []
         self.keys = KeyGuard()
+        self._index = _RecordingIndex(self.calls)
 
     async def enqueue(self, calls: Sequence[TaskCall]) -> None:
         self.calls.extend(filter(self.keys.admit, calls))
@@ -385,14 +482,161 @@ class RecordingBackend(Backend):
             task_name=call.name,
             backend=self.alias,
             state="queued",
-            enqueued_at=timestamp(call.enqueued_at),
+            enqueued_at=timestamp(to_ms(call.enqueued_at) / 1000),
+            retry_of=call.retry_of,
         )
+
+    @property
+    def index(self) -> CallIndex | None:
+        """The recorded calls, all queued."""
+        return self._index
 
     async def cancel(self, task_id: str) -> CancelResult:
         call = self._find(task_id)
         if call is None:
             return await super().cancel(task_id)
         self.calls.remove(call)
+        self._index.watchers.notify(task_id)
         return CancelResult(
             id=task_id, cancelled=True, state="cancelled", detail="removed from the recording"
         )
+
+
+class _RecordingIndex:
+    """A RecordingBackend's calls as a `CallIndex`: every one queued, newest first."""
+
+    def __init__(self, calls: list[TaskCall]) -> None:
+        self.calls = calls
+        self.watchers = Watchers()
+
+    async def page(
+        self, *, state: str | None, task: str | None, after: Cursor | None, limit: int
+    ) -> IndexPage:
+        if state not in (None, "queued"):
+            return IndexPage([], None)
+        rows = [
+            (to_ms(call.enqueued_at), call.id, "queued", call.name, call.retry_of)
+            for call in self.calls
+            if task is None or call.name == task
+        ]
+        return newest_page(rows, after, limit)
+
+    async def counts(self) -> Counts:
+        counts = Counts()
+        for call in self.calls:
+            per_task = counts.tasks.setdefault(call.name, {})
+            per_task["queued"] = per_task.get("queued", 0) + 1
+        if self.calls:
+            counts.states["queued"] = len(self.calls)
+        return counts
+
+    def watch(self, task_id: str) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
+        return self.watchers.watch(task_id)
+
+
+class SharedInProcessBackend(InProcessBackend):
+    """The in-process backend with `status_url` (InProcessBackend builds this class for it):
+    calls run in the API process as ever; their status is shared by every API process through
+    Redis (`SharedStatus`, see `_shared`). A call that ran here is answered from this process's
+    store; another, from Redis."""
+
+    def __init__(self, alias: str, options: Mapping[str, Any]) -> None:
+        try:
+            from ._shared import SharedStatus, SharedStatusStore
+        except ImportError as exc:
+            if (exc.name or "").partition(".")[0] != "redis":
+                raise
+            raise ConfigurationError(
+                f"{env_name('backends', alias, 'status_url')} is set, but redis-py is not "
+                "installed: install it with `pip install fastapi-taskbridge[redis]` (or unset "
+                "it: each API process then keeps its own calls' status in memory)"
+            ) from None
+        super().__init__(alias, options)
+        opts = self.options
+        assert isinstance(opts, InProcessOptions) and opts.status_url is not None
+        store = self.reporter.store
+        assert isinstance(store, SharedStatusStore)
+        self.shared = SharedStatus(
+            store,
+            self.memory_index,
+            self._cancel_here,
+            url=opts.status_url,
+            prefix=opts.status_prefix,
+            sentinel_master=opts.status_sentinel_master,
+            ttl=opts.status_ttl,
+            max_entries=opts.status_max_entries,
+            interval=opts.status_flush_interval,
+        )
+
+    def new_store(self, options: StoreOptions) -> MemoryStatusStore:
+        from ._status_writer import SharedStatusStore
+
+        return SharedStatusStore(options.status_max_entries, options.status_ttl)
+
+    async def open(self) -> None:
+        self.shared.start()
+
+    async def close(self) -> None:
+        await super().close()  # the running calls end, and report it
+        await self.shared.close()
+
+    async def ping(self) -> str:
+        try:
+            return await self.shared.ping()
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(f"backend {self.alias!r}: {exc}", backend=self.alias) from None
+
+    def defer_in_request(
+        self,
+        call: TaskCall,
+        background: BackgroundTasks,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> bool:
+        if self.shared.loop is None:  # no lifespan opened the bridge: start writing now
+            self.shared.start()
+        return super().defer_in_request(call, background, on_failure)
+
+    async def enqueue(self, calls: Sequence[TaskCall]) -> None:
+        self.shared.start()
+        await super().enqueue(calls)
+
+    async def status(self, task_id: str) -> TaskStatus | None:
+        found = self.reporter.store.get(task_id)
+        if found is not None:
+            return found
+        [shared] = await self.shared.read([task_id])
+        return shared
+
+    async def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        """This process's calls from its store, the others' from Redis in one round trip."""
+        found = await super().statuses(task_ids)
+        pairs = list(zip(task_ids, found, strict=True))
+        elsewhere = [task_id for task_id, status in pairs if status is None]
+        if elsewhere:
+            read = dict(zip(elsewhere, await self.shared.read(elsewhere), strict=True))
+            found = [read[task_id] if status is None else status for task_id, status in pairs]
+        return found
+
+    @property
+    def index(self) -> CallIndex | None:
+        """Every API process's in-process calls (`SharedIndex`), once open."""
+        return self.shared.index
+
+    async def kept_call(self, task_id: str) -> KeptCall | None:
+        """The caller's own arguments when the call ran here, else those written with its
+        record (JSON arguments up to 64 KiB)."""
+        kept = self.reporter.store.kept_call(task_id)
+        return kept if kept is not None else await self.shared.kept_call(task_id)
+
+    async def cancel(self, task_id: str) -> CancelResult:
+        """A call of this process is cancelled here; another's by its own process, asked
+        through Redis (the answer is that process's, see `_shared`)."""
+        if self.reporter.store.get(task_id) is not None or self.shared.loop is None:
+            return await super().cancel(task_id)
+        return await self.shared.cancel(task_id)
+
+    async def _cancel_here(self, task_id: str) -> CancelResult | None:
+        """Another process asks to cancel `task_id`: None when it is not a call of this one."""
+        if self.reporter.store.get(task_id) is None:
+            return None
+        return await super().cancel(task_id)

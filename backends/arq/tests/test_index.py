@@ -573,7 +573,7 @@ async def test_the_dispatch_adds_to_the_index_in_the_enqueue_script_itself(
     for job_id in ids:
         job_write = _position(burst, rf"^PSETEX {job_key_prefix}{job_id} ")
         queued = _position(burst, rf"^ZADD q \d+ {job_id}$")
-        indexed_at = _position(burst, rf"^ZADD {prefix}:calls \d+ {job_id}$")
+        indexed_at = _position(burst, rf"^ZADD {prefix}:calls NX \d+ {job_id}$")
         assert job_write < queued < indexed_at
         # (MONITOR shows the meta's tabs escaped, as \t)
         task = re.escape(app.task("ok"))
