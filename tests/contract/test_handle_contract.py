@@ -133,6 +133,12 @@ class Harness:
 def _backend_env(name: str, redis_url: str, amqp_url: str | None, run_id: str) -> dict[str, str]:
     if name in ("inprocess", "immediate"):
         return {"TASKBRIDGE_DEFAULT_BACKEND": name}
+    if name == "inprocess-shared":  # status shared through Redis (`status_url`)
+        return {
+            "TASKBRIDGE_DEFAULT_BACKEND": "inprocess",
+            "TASKBRIDGE_BACKENDS__INPROCESS__STATUS_URL": redis_url,
+            "TASKBRIDGE_BACKENDS__INPROCESS__STATUS_PREFIX": f"{run_id}-contract-shared",
+        }
     if name == "arq":
         return {
             "TASKBRIDGE_DEFAULT_BACKEND": "arq",
@@ -153,7 +159,7 @@ def _backend_env(name: str, redis_url: str, amqp_url: str | None, run_id: str) -
     }
 
 
-BACKENDS = ["inprocess", "immediate", "celery-redis", "celery-amqp", "arq"]
+BACKENDS = ["inprocess", "inprocess-shared", "immediate", "celery-redis", "celery-amqp", "arq"]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -179,7 +185,7 @@ def harness(
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     worker: WorkerProcess | None = None
-    if name not in ("inprocess", "immediate"):
+    if name not in ("inprocess", "inprocess-shared", "immediate"):
         engine = "arq" if name == "arq" else "celery"
         extra = ["--pool", "threads", "--concurrency", "4"] if engine == "celery" else []
         worker = WorkerProcess(

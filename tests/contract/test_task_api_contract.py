@@ -22,7 +22,9 @@ from tests.contract.test_handle_contract import h as h
 from tests.contract.test_handle_contract import harness as harness
 
 pytestmark = pytest.mark.parametrize(
-    "harness", ["inprocess", "celery-redis", "celery-amqp", "arq"], indirect=True
+    "harness",
+    ["inprocess", "inprocess-shared", "celery-redis", "celery-amqp", "arq"],
+    indirect=True,
 )
 
 
