@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             from .infra import start_redis
 
             redis_url, redis_proc = start_redis(workdir)
-            redis_source = f"private redis-server started by the bench ({redis_proc.argv[0]})"
+            binary = scrub(redis_proc.argv[0])
+            redis_source = f"private redis-server started by the bench ({binary})"
         except Exception as exc:
             skipped.append(f"Redis: {exc}; Celery/Redis and ARQ skipped")
     amqp_url: str | None = None
