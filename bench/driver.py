@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from .config import ENGINES, Config
 from .context import DEFAULT_CONNECTIONS, Run
-from .infra import ROOT, LoadGen, Proc, amqp_problem, check_redis_url, scrub
+from .infra import ROOT, LoadGen, Proc, amqp_problem, check_redis_url, git_revision, scrub
 from .results import Results, log
 from .sections import section_enqueue, section_http, section_isolation
 from .workers import section_workers
@@ -147,22 +146,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
-
-
-def git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "taskbridge", "backends"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + (" (taskbridge/ or backends/ modified)" if dirty else "")
 
 
 def broker_versions(config: Config) -> dict[str, str]:

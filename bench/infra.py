@@ -266,3 +266,19 @@ def scrub(text: str) -> str:
     site-packages directories become `<lib/python3.x>/` and `<site-packages>/`."""
     text = text.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
     return _LIB.sub(lambda m: f"<{m.group(1)}>/", text)
+
+
+def git_revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "taskbridge", "backends"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" (taskbridge/ or backends/ modified)" if dirty else "")

@@ -53,7 +53,7 @@ from fastapi import FastAPI
 
 from taskbridge import TaskBridge, Tasks, report_progress
 
-from .infra import PYTHON, Proc, scrub, start_redis, uvicorn
+from .infra import PYTHON, Proc, git_revision, scrub, start_redis, uvicorn
 from .loadgen import percentile
 from .results import log
 from .status_report import LABELS, summary_lines, write_status_report
@@ -557,7 +557,6 @@ async def _events(plan: Plan, client: Any, indexed: bool) -> dict[str, Any]:
 
 def run_status(args: argparse.Namespace) -> int:
     """Measure every engine in turn, then write results-status.json and the README block."""
-    from .driver import git_revision
 
     quick = bool(getattr(args, "quick", False))
     plan = Plan(quick)
