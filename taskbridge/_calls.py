@@ -128,7 +128,7 @@ async def retry_call(bridge: RetrySource, task_id: str) -> TaskHandle:
     """
     status = await bridge.status(TaskHandle(task_id, None, None))
     if status.state == "unknown" or status.backend is None:
-        raise TaskNotRetryable(f"no backend knows the task call {task_id!r}", task_id)
+        raise TaskNotRetryable(f"no task call with id {task_id!r}", task_id, unknown=True)
     name = status.task_name or "?"
     if status.state not in RETRYABLE:
         raise TaskNotRetryable(

@@ -150,6 +150,8 @@ class TaskNotRetryable(TaskBridgeError):
     cancelled, its arguments were not kept, or its task is not registered here (the message
     says which); the router answers 409 with it."""
 
-    def __init__(self, message: str, task_id: str | None = None) -> None:
+    def __init__(self, message: str, task_id: str | None = None, *, unknown: bool = False) -> None:
         super().__init__(message)
         self.task_id = task_id
+        self.unknown = unknown
+        """No backend knows the call (the router answers 404, not 409)."""

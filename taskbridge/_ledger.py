@@ -45,8 +45,12 @@ __all__ = [
     "RedisIndex",
     "Watchers",
     "add_args",
+    "compose_with_index",
+    "composed_args",
+    "index_lost",
     "merge_pages",
     "move_args",
+    "run_with_index",
 ]
 
 logger = logging.getLogger("taskbridge")
@@ -553,3 +557,85 @@ class RedisIndex:
 
     async def close(self) -> None:
         await self.hub.close()
+
+
+# -- writing the index with an engine's own writes (for plugins) -----------------------------
+
+
+def compose_with_index(script: str, index: str, then: str) -> str:
+    """A script running `script` as it is (with every KEYS and its own ARGV), then `then`: Lua
+    that may call `index(argv)` (the index script, ADD_SCRIPT or MOVE_SCRIPT, under pcall: an
+    index error never fails the engine's write; it goes to the server's log) with `rest`, the
+    ARGV that follow; `result` is what `script` returned, and is returned.
+
+    ARGV: how many belong to `script`, then those, then the index script's (`composed_args`).
+    """
+    return f"""
+local function engine(KEYS, ARGV)
+{script}
+end
+local function index_script(ARGV)
+{index}
+end
+local function index(argv)
+  local ok, err = pcall(index_script, argv)
+  if not ok then redis.log(redis.LOG_WARNING, 'taskbridge index: ' .. tostring(err)) end
+end
+local own, rest = {{}}, {{}}
+local count = tonumber(ARGV[1])
+for i = 2, count + 1 do own[#own + 1] = ARGV[i] end
+for i = count + 2, #ARGV do rest[#rest + 1] = ARGV[i] end
+local result = engine(KEYS, own)
+{then}
+return result
+"""
+
+
+def composed_args(own: Sequence[Any], index: Sequence[Any] | None = None) -> list[Any]:
+    """The ARGV of a `compose_with_index` script: `own` for the engine's script, `index` (None:
+    no index) for the index script."""
+    return [len(own), *own, *(index or ())]
+
+
+async def run_with_index(
+    pipe: Any, script: Any, calls: Sequence[Sequence[Any]], *, client: Any = None
+) -> list[Any]:
+    """Execute `pipe` (a redis.asyncio pipeline holding an engine's commands, MULTI/EXEC or not)
+    with an EVALSHA of `script` (a registered Script of the index) for each ARGV of `calls`
+    added last: one round trip. Returns the engine's replies, raising the first engine error as
+    `execute` would; an index failure is logged. Unknown to the server (restarted, failed over,
+    flushed), the script is loaded and run again (on `client`, else the script's own), after
+    the engine's commands went through.
+
+    Not `script(client=pipe)`: a redis-py pipeline holding a Script asks the server whether it
+    knows it (SCRIPT EXISTS) before every execution, a round trip of its own.
+    """
+    from redis.exceptions import NoScriptError, RedisError
+
+    for args in calls:
+        pipe.evalsha(script.sha, 0, *args)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    split = len(replies) - len(calls)
+    engine, indexed = replies[:split], replies[split:]
+    for reply in engine:
+        if isinstance(reply, Exception):
+            raise reply
+    for args, reply in zip(calls, indexed, strict=True):
+        if isinstance(reply, NoScriptError):
+            try:
+                await (script(args=args) if client is None else script(args=args, client=client))
+            except (RedisError, OSError) as exc:
+                index_lost(exc)
+        elif isinstance(reply, Exception):
+            index_lost(reply)
+    return engine
+
+
+def index_lost(exc: BaseException) -> None:
+    """Log an index write that failed (the engine's own write went through)."""
+    logger.warning(
+        "the task index was not updated (%s: %s); the calls were sent, and listing them may "
+        "miss them or show them in an earlier state",
+        type(exc).__name__,
+        exc,
+    )

@@ -202,11 +202,10 @@ def build_router(bridge: HandleSource, **options: Any) -> APIRouter:
         },
     )
     async def retry_task(task_id: str) -> TaskStatus:
-        await known(task_id)
         try:
-            handle = await bridge.retry(task_id)
+            handle = await bridge.retry(task_id)  # reads the call's status once, to check it
         except TaskNotRetryable as exc:
-            raise HTTPException(status_code=409, detail=str(exc)) from None
+            raise HTTPException(status_code=404 if exc.unknown else 409, detail=str(exc)) from None
         status = await read(handle.id)
         if status.state == "unknown":  # not visible yet where it went: it was accepted
             status = TaskStatus(

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from taskbridge import TaskBridge, TaskNotRetryable, report_progress
-from taskbridge._ledger import CallIndex, Cursor, IndexEntry, Watchers, merge_pages
+from taskbridge._ledger import Cursor, Watchers
 from taskbridge._status import (
     KEPT_CALLS,
     KEPT_JSON_BYTES,
@@ -24,21 +24,7 @@ from taskbridge._status import (
     to_ms,
 )
 from taskbridge.backends._builtin import MAX_TRACEBACK, InProcessBackend, RecordingBackend
-
-
-async def walk(index: CallIndex, limit: int, **filters: str | None) -> list[IndexEntry]:
-    """Every entry, page by page, as `GET /tasks` goes (through merge_pages)."""
-    seen: list[IndexEntry] = []
-    after: Cursor | None = None
-    for _ in range(10_000):
-        page = await index.page(
-            state=filters.get("state"), task=filters.get("task"), after=after, limit=limit
-        )
-        entries, after = merge_pages([page], limit)
-        seen += entries
-        if after is None:
-            return seen
-    raise AssertionError("the walk did not end")
+from tests.index_walk import walk
 
 
 async def settled(bridge: TaskBridge, *ids: str) -> None:

@@ -26,6 +26,7 @@ from taskbridge._ledger import (
 )
 from tests.faults.proxy import FaultProxy
 from tests.faults.servers import OwnRedis
+from tests.index_walk import walk
 
 HOUR_MS = 3_600_000
 
@@ -58,21 +59,6 @@ class Ledger:
     async def move(self, task_id: str, state: str | None, task: str | None = None) -> None:
         now = int(time.time() * 1000)
         await self._move(args=move_args(self.prefix, now, HOUR_MS, self.max, task_id, state, task))
-
-
-async def walk(index: RedisIndex, limit: int, **filters: str | None) -> list[IndexEntry]:
-    """Every entry, page by page as `GET /tasks` would go (through merge_pages)."""
-    seen: list[IndexEntry] = []
-    after: Cursor | None = None
-    for _ in range(10_000):
-        page = await index.page(
-            state=filters.get("state"), task=filters.get("task"), after=after, limit=limit
-        )
-        entries, after = merge_pages([page], limit)
-        seen += entries
-        if after is None:
-            return seen
-    raise AssertionError("the walk did not end")
 
 
 async def test_pages_cover_every_call_once_newest_first_under_any_filter(

@@ -33,7 +33,11 @@ from .._ledger import (
     RedisIndex,
     Watchers,
     add_args,
+    compose_with_index,
+    composed_args,
+    index_lost,
     move_args,
+    run_with_index,
 )
 from .._policy import Policy, execution_fields, with_execution_fields
 from .._runner import (
@@ -80,10 +84,13 @@ __all__ = [
     "WorkerBridge",
     "add_args",
     "close_thread_loop",
+    "compose_with_index",
+    "composed_args",
     "decode_json",
     "dispatch_deadline",
     "encode_json",
     "execution_fields",
+    "index_lost",
     "installed_backends",
     "load_backend_class",
     "move_args",
@@ -91,6 +98,7 @@ __all__ = [
     "redact_url",
     "run",
     "run_blocking",
+    "run_with_index",
     "run_with_retries",
     "timestamp",
     "with_execution_fields",

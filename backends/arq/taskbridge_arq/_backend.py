@@ -35,6 +35,7 @@ from taskbridge.backends import (
     TaskCall,
     TaskStatus,
     WorkerBridge,
+    composed_args,
     dispatch_deadline,
     redact_url,
 )
@@ -50,7 +51,7 @@ from ._dispatch import (
     group_commit,
     index_rows,
 )
-from ._index import CANCEL_INDEXED, ENQUEUE_INDEXED, composed_args, index_spec
+from ._index import CANCEL_INDEXED, ENQUEUE_INDEXED, index_spec
 from ._jobs import UNLIMITED_TRIES
 from ._options import ArqOptions, sentinel_address
 from ._progress import ProgressReporter

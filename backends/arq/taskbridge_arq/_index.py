@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from arq.utils import to_ms
-from redis.exceptions import NoScriptError, RedisError
 
-from taskbridge.backends import ADD_SCRIPT, MOVE_SCRIPT, add_args, move_args
+from taskbridge.backends import ADD_SCRIPT, MOVE_SCRIPT, add_args, compose_with_index, move_args
 
 from ._dispatch import ENQUEUE_SCRIPT, Row
 from ._options import ArqOptions
@@ -50,9 +49,7 @@ __all__ = [
     "INDEX_PREFIX",
     "IndexSpec",
     "compose",
-    "composed_args",
     "index_spec",
-    "run_in_pipeline",
 ]
 
 logger = logging.getLogger("taskbridge.arq")
@@ -124,41 +121,9 @@ def index_spec(options: ArqOptions) -> IndexSpec | None:
 
 
 def compose(script: str, index: str, then: str) -> str:
-    """A script running `script` as it is (with every KEYS and its own ARGV), then `then`: Lua
-    that may call `index(argv)` (the index script, under pcall) with `rest`, the ARGV that
-    follow (empty when the alias keeps no index); `result` is what `script` returned, and is
-    returned.
-
-    ARGV: how many belong to `script`, then those, then the index script's (see
-    `composed_args`).
-    """
-    return f"""
-local function engine(KEYS, ARGV)
-{script}
-end
-local function index_script(ARGV)
-{index}
-end
-local function index(argv)
-  local ok, err = pcall(index_script, argv)
-  if not ok then redis.log(redis.LOG_WARNING, 'taskbridge index: ' .. tostring(err)) end
-end
-local own, rest = {{}}, {{}}
-local count = tonumber(ARGV[1])
-for i = 2, count + 1 do own[#own + 1] = ARGV[i] end
-for i = count + 2, #ARGV do rest[#rest + 1] = ARGV[i] end
-local result = engine(KEYS, own)
-if #rest > 0 then
-{then}
-end
-return result
-"""
-
-
-def composed_args(own: Sequence[Any], index: Sequence[Any] | None) -> list[Any]:
-    """The ARGV of a composed script: `own` for the engine's script, `index` (None: no index)
-    for the index script."""
-    return [len(own), *own, *(index or ())]
+    """`compose_with_index`, with `then` run only when the alias keeps an index (its index
+    ARGV, `rest`, is then not empty)."""
+    return compose_with_index(script, index, f"if #rest > 0 then\n{then}\nend")
 
 
 # The API's cancellation took the job out of its queue ('cancelled'): MOVE it to cancelled.
@@ -190,45 +155,3 @@ end
 """
 
 ENQUEUE_INDEXED = compose(ENQUEUE_SCRIPT, ADD_SCRIPT, _ENQUEUE_THEN)
-
-
-# -- pipelines --------------------------------------------------------------------------------
-
-
-async def run_in_pipeline(pipe: Any, script: Any, calls: Sequence[Sequence[Any]]) -> list[Any]:
-    """Execute `pipe` (a redis.asyncio pipeline of the engine's commands, a MULTI/EXEC one or
-    not) with an EVALSHA of `script` (a registered Script of the index) for each of `calls`
-    (ARGV lists) added last: one round trip. Returns the engine's replies, raising the first
-    engine error as `execute` would; an index failure is logged. Unknown to the server
-    (restarted, failed over, flushed), the script is loaded and run again, after the engine's
-    commands went through.
-
-    Not `script(client=pipe)`: a redis-py pipeline holding a Script asks the server whether it
-    knows it (SCRIPT EXISTS) before every execution, a round trip of its own.
-    """
-    for args in calls:
-        pipe.evalsha(script.sha, 0, *args)
-    replies: list[Any] = await pipe.execute(raise_on_error=False)
-    split = len(replies) - len(calls)
-    engine, indexed = replies[:split], replies[split:]
-    for reply in engine:
-        if isinstance(reply, Exception):
-            raise reply
-    for args, reply in zip(calls, indexed, strict=True):
-        if isinstance(reply, NoScriptError):
-            try:
-                await script(args=args)
-            except (RedisError, OSError) as exc:
-                _lost(exc)
-        elif isinstance(reply, Exception):
-            _lost(reply)
-    return engine
-
-
-def _lost(exc: BaseException) -> None:
-    logger.warning(
-        "the task index was not updated (%s: %s); listing the calls may show them in an "
-        "earlier state",
-        type(exc).__name__,
-        exc,
-    )

@@ -19,9 +19,9 @@ import logging
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from taskbridge.backends import MOVE_SCRIPT, Outcome, TaskContext
+from taskbridge.backends import MOVE_SCRIPT, Outcome, TaskContext, run_with_index
 
-from ._index import IndexSpec, run_in_pipeline
+from ._index import IndexSpec
 from ._status import PROGRESS_KEY_PREFIX, progress_payload
 
 __all__ = ["ProgressReporter"]
@@ -92,7 +92,7 @@ class ProgressReporter:
                             await pipe.execute()
                         else:
                             moves = [self.index.move(job_id, None) for job_id in batch]
-                            await run_in_pipeline(pipe, self._move, moves)
+                            await run_with_index(pipe, self._move, moves)
                 except Exception as exc:
                     logger.warning(
                         "could not store the progress of job(s) %s: %s: %s",

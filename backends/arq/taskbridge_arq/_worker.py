@@ -41,10 +41,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from taskbridge.backends import MOVE_SCRIPT, ConnectionState
+from taskbridge.backends import MOVE_SCRIPT, ConnectionState, composed_args, run_with_index
 
 from ._dispatch import WAKE_CHANNEL_PREFIX
-from ._index import CLAIM_THEN, IndexSpec, compose, composed_args, run_in_pipeline
+from ._index import CLAIM_THEN, IndexSpec, compose
 from ._jobs import job_functions
 from ._progress import ProgressReporter
 from ._status import result_state
@@ -709,7 +709,7 @@ class TaskbridgeWorker(Worker):
                 tr.zincrby(self.queue_name, incr_score, job_id)
             if delete_keys:
                 tr.delete(*delete_keys)
-            await run_in_pipeline(tr, self._move_script(), [move])
+            await run_with_index(tr, self._move_script(), [move])
 
     async def _requeue(self, job_id: str, score: int, move: list[Any] | None) -> None:
         async with self.pool.pipeline(transaction=True) as pipe:
@@ -718,7 +718,7 @@ class TaskbridgeWorker(Worker):
             if move is None:
                 await pipe.execute()
             else:
-                await run_in_pipeline(pipe, self._move_script(), [move])
+                await run_with_index(pipe, self._move_script(), [move])
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """ARQ's finish_failed_job (a job that failed or was aborted before its function ran),
@@ -747,7 +747,7 @@ class TaskbridgeWorker(Worker):
             if result_data is not None and keep_result:
                 expire = 0 if self.keep_result_forever else self.keep_result_s
                 tr.set(result_prefix + job_id, result_data, px=to_ms(expire))
-            await run_in_pipeline(tr, self._move_script(), [move])
+            await run_with_index(tr, self._move_script(), [move])
 
     def _moved(self, job_id: str, finish: bool, result_data: bytes | None) -> list[Any] | None:
         """The index MOVE's ARGV for a job's outcome write (None without an index): back in

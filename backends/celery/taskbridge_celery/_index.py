@@ -35,9 +35,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
-
-from taskbridge.backends import ADD_SCRIPT, MOVE_SCRIPT, GroupCommit, add_args, move_args
+from taskbridge.backends import (
+    ADD_SCRIPT,
+    MOVE_SCRIPT,
+    GroupCommit,
+    add_args,
+    compose_with_index,
+    composed_args,
+    index_lost,
+    move_args,
+)
 
 from ._keys import (
     CLAIM_SCRIPT,
@@ -66,12 +73,10 @@ __all__ = [
     "IndexSpec",
     "Mark",
     "Row",
-    "composed_args",
     "index_spec",
     "index_with_broker",
     "kept_arguments",
     "row",
-    "run_in_pipeline",
 ]
 
 logger = logging.getLogger("taskbridge.celery")
@@ -184,42 +189,9 @@ def kept_arguments(args: object, kwargs: object) -> dict[str, Any] | None:
 # -- composed scripts -------------------------------------------------------------------------
 
 
-def _composed(script: str, index: str, then: str) -> str:
-    """A script running `script` as it is (with every KEYS and its own ARGV), then `then`: Lua
-    that may call `index(argv)` (the index script, under pcall) with `rest`, the ARGV that
-    follow; `result` is what `script` returned, and is returned.
-
-    ARGV: how many belong to `script`, then those, then the index script's.
-    """
-    return f"""
-local function engine(KEYS, ARGV)
-{script}
-end
-local function index_script(ARGV)
-{index}
-end
-local function index(argv)
-  local ok, err = pcall(index_script, argv)
-  if not ok then redis.log(redis.LOG_WARNING, 'taskbridge index: ' .. tostring(err)) end
-end
-local own, rest = {{}}, {{}}
-local count = tonumber(ARGV[1])
-for i = 2, count + 1 do own[#own + 1] = ARGV[i] end
-for i = count + 2, #ARGV do rest[#rest + 1] = ARGV[i] end
-local result = engine(KEYS, own)
-{then}
-return result
-"""
-
-
-def composed_args(own: Sequence[Any], index: Sequence[Any]) -> list[Any]:
-    """The ARGV of a composed script."""
-    return [len(own), *own, *index]
-
-
 # Dispatch (keyed groups): ADD only the calls the script queued (its result lists the positions
 # it skipped, negated for those refused for their deadline).
-DISPATCH_INDEXED = _composed(
+DISPATCH_INDEXED = compose_with_index(
     DISPATCH_SCRIPT,
     ADD_SCRIPT,
     """
@@ -237,7 +209,7 @@ if #argv > 4 then index(argv) end
 
 # The claim stored STARTED (it returns false): running. Else it found the call revoked or
 # succeeded (a message delivered again), which the index says too.
-CLAIM_INDEXED = _composed(
+CLAIM_INDEXED = compose_with_index(
     CLAIM_SCRIPT,
     MOVE_SCRIPT,
     """
@@ -250,10 +222,14 @@ index(rest)
 )
 
 # A progress report stored (1): the call changed.
-PROGRESS_INDEXED = _composed(PROGRESS_SCRIPT, MOVE_SCRIPT, "if result == 1 then index(rest) end")
+PROGRESS_INDEXED = compose_with_index(
+    PROGRESS_SCRIPT, MOVE_SCRIPT, "if result == 1 then index(rest) end"
+)
 
 # The API's revoke stored REVOKED (false): cancelled.
-REVOKE_INDEXED = _composed(REVOKE_SCRIPT, MOVE_SCRIPT, "if not result then index(rest) end")
+REVOKE_INDEXED = compose_with_index(
+    REVOKE_SCRIPT, MOVE_SCRIPT, "if not result then index(rest) end"
+)
 
 # Celery's result write (`RedisBackend._set`: SET, with EX when results expire, and PUBLISH on
 # the key's channel for `AsyncResult.get`), atomic as Celery's MULTI/EXEC is.
@@ -268,7 +244,7 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
 
-STORE_INDEXED = _composed(STORE_SCRIPT, MOVE_SCRIPT, "index(rest)")
+STORE_INDEXED = compose_with_index(STORE_SCRIPT, MOVE_SCRIPT, "index(rest)")
 
 # `queued` markers in the result backend's Redis (a RabbitMQ broker), written while the message
 # is published: each unless its call has a result already (a worker claimed it first; the
@@ -283,45 +259,10 @@ end
 return 1
 """
 
-MARK_INDEXED = _composed(MARK_SCRIPT, ADD_SCRIPT, "index(rest)")
+MARK_INDEXED = compose_with_index(MARK_SCRIPT, ADD_SCRIPT, "index(rest)")
 
 
 # -- the API side's writes --------------------------------------------------------------------
-
-
-async def run_in_pipeline(client: Any, pipe: Any, script: Any, args: Sequence[Any]) -> list[Any]:
-    """Execute `pipe` (a redis.asyncio pipeline of `client`, holding the engine's commands) with
-    `script` (a registered Script of the index) added last, by EVALSHA: one round trip. Returns the
-    engine's replies, raising the first engine error as `execute` would; the index's failure is
-    logged. Unknown to the server (restarted, failed over, flushed), the script is loaded and
-    run again, after the engine's commands went through.
-
-    Not `script(client=pipe)`: a redis-py pipeline holding a Script asks the server whether it
-    knows it (SCRIPT EXISTS) before every execution, a round trip of its own.
-    """
-    pipe.evalsha(script.sha, 0, *args)
-    replies: list[Any] = await pipe.execute(raise_on_error=False)
-    *engine, indexed = replies
-    for reply in engine:
-        if isinstance(reply, Exception):
-            raise reply
-    if isinstance(indexed, NoScriptError):
-        try:
-            await script(args=args, client=client)
-        except (RedisError, OSError) as exc:
-            _lost(exc)
-    elif isinstance(indexed, Exception):
-        _lost(indexed)
-    return engine
-
-
-def _lost(exc: BaseException) -> None:
-    logger.warning(
-        "the task index was not updated (%s: %s); the calls were sent, and listing them may "
-        "miss them",
-        type(exc).__name__,
-        exc,
-    )
 
 
 Mark = tuple[str, str, bytes, int]
@@ -351,7 +292,7 @@ class BesideWriter:
         try:
             await self._group.submit((marks, rows))
         except Exception as exc:  # whatever it is: the calls were sent
-            _lost(exc)
+            index_lost(exc)
 
     def _script(self, text: str) -> Any:
         script = self._scripts.get(text)

@@ -43,9 +43,15 @@ from typing import Any, cast
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from taskbridge.backends import ADD_SCRIPT, GroupCommit, dispatch_deadline
+from taskbridge.backends import (
+    ADD_SCRIPT,
+    GroupCommit,
+    composed_args,
+    dispatch_deadline,
+    run_with_index,
+)
 
-from ._index import DISPATCH_INDEXED, IndexSpec, Row, composed_args, row, run_in_pipeline
+from ._index import DISPATCH_INDEXED, IndexSpec, Row, row
 from ._keys import DISPATCH_SCRIPT, dedup_key, marker_value, queued_key, with_call
 from ._protocol import TaskMessage, redis_binding, redis_envelope, redis_queue_key
 from ._sentinel import async_redis, close_async_redis
@@ -226,7 +232,7 @@ class RedisPublisher:
             if self._add is None:
                 self._add = client.register_script(ADD_SCRIPT)
             rows = [entry.row for entry in entries if entry.row is not None]
-            await run_in_pipeline(client, pipe, self._add, index.add(rows))
+            await run_with_index(pipe, self._add, [index.add(rows)], client=client)
         self._bound.update(unbound)
         return set(), set()
 

@@ -54,13 +54,14 @@ from kombu.exceptions import EncodeError  # type: ignore[import-untyped]
 from kombu.utils.encoding import bytes_to_str  # type: ignore[import-untyped]
 from kombu.utils.json import dumps as json_dumps  # type: ignore[import-untyped]
 
+from taskbridge.backends import composed_args
+
 from ._index import (
     CLAIM_INDEXED,
     INDEX_SETTING,
     PROGRESS_INDEXED,
     STORE_INDEXED,
     IndexSpec,
-    composed_args,
     kept_arguments,
 )
 from ._keys import (

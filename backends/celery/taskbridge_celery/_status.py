@@ -25,13 +25,19 @@ from typing import Any
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from taskbridge.backends import KeptCall, RedisIndex, TaskErrorInfo, TaskStatus, timestamp
+from taskbridge.backends import (
+    KeptCall,
+    RedisIndex,
+    TaskErrorInfo,
+    TaskStatus,
+    composed_args,
+    timestamp,
+)
 
 from ._index import (
     REVOKE_INDEXED,
     BesideWriter,
     Mark,
-    composed_args,
     index_spec,
     index_with_broker,
     row,

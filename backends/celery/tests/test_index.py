@@ -25,9 +25,10 @@ from taskbridge_celery._index import DISPATCH_INDEXED
 
 from taskbridge import BackendUnavailable, TaskBridge, TaskStatus
 from taskbridge._deadline import dispatch_deadline_scope
-from taskbridge._ledger import ADD_SCRIPT, Cursor, IndexEntry, RedisIndex, merge_pages
+from taskbridge._ledger import ADD_SCRIPT, RedisIndex
 from taskbridge.backends import KeptCall
 from tests.faults.servers import OwnRedis
+from tests.index_walk import walk
 
 from .conftest import Stack, _stack, delete_amqp_queues, opened, until
 
@@ -64,21 +65,6 @@ def _index(bridge: TaskBridge) -> RedisIndex:
     index = _backend(bridge).index
     assert isinstance(index, RedisIndex)
     return index
-
-
-async def walk(index: RedisIndex, limit: int, **filters: str | None) -> list[IndexEntry]:
-    """Every entry, page by page from the newest, as `GET /tasks` goes (through merge_pages)."""
-    seen: list[IndexEntry] = []
-    after: Cursor | None = None
-    for _ in range(1000):
-        page = await index.page(
-            state=filters.get("state"), task=filters.get("task"), after=after, limit=limit
-        )
-        entries, after = merge_pages([page], limit)
-        seen += entries
-        if after is None:
-            return seen
-    raise AssertionError("the walk did not end")
 
 
 def _ms(status: TaskStatus) -> int:
