@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 
 from . import tasks
 from .config import Config
@@ -44,6 +44,25 @@ async def noop(n: int) -> None:
 @app.post("/inproc/none/{n}")
 async def inproc_none(n: int, background_tasks: BackgroundTasks) -> None:
     """Takes `BackgroundTasks`, adds nothing: what a `Tasks` endpoint with no task compares to."""
+
+
+async def _background(background_tasks: BackgroundTasks) -> BackgroundTasks:
+    return background_tasks
+
+
+Background = Annotated[BackgroundTasks, Depends(_background)]
+"""`BackgroundTasks` through the smallest dependency there is: FastAPI's cost of injecting any
+per-request object of one's own (what `Tasks` is), with nothing of taskbridge's."""
+
+
+@app.post("/dep/none/{n}")
+async def dep_none(n: int, background_tasks: Background) -> None:
+    """`BackgroundTasks` through a one-line dependency, no task."""
+
+
+@app.post("/dep/async/{n}")
+async def dep_async(n: int, background_tasks: Background) -> None:
+    background_tasks.add_task(tasks.async_noop, n)
 
 
 @app.post("/inproc/sync/{n}")

@@ -77,6 +77,28 @@ HTTP_PAIRS = (
         ("tb-noop", "Tasks parameter, no task"),
     ),
     (
+        "floor",
+        "FastAPI's floor: `BackgroundTasks` through a one-line dependency, vs taken directly "
+        "(both native)",
+        None,
+        ("native-none", "BackgroundTasks parameter, no task"),
+        ("native-depnone", "BackgroundTasks via Depends, no task"),
+    ),
+    (
+        "notask-dep",
+        "`Tasks` endpoint with no task, vs `BackgroundTasks` through a one-line dependency",
+        0.97,
+        ("native-depnone", "BackgroundTasks via Depends, no task"),
+        ("tb-noop", "Tasks parameter, no task"),
+    ),
+    (
+        "async-dep",
+        "1 in-process `async def` task, vs `BackgroundTasks` through a one-line dependency",
+        0.97,
+        ("native-depasync", "BackgroundTasks via Depends: add_task"),
+        ("tb-async", "Tasks.add_task"),
+    ),
+    (
         "noop",
         "`Tasks` dependency, no task (native: no dependency)",
         None,
@@ -102,6 +124,8 @@ def section_http(run: Run) -> None:
         "ceiling-trivial": Variant(trivial_port, "/x", trivial),
         "native-noop": Variant(nport, "/noop", native),
         "native-none": Variant(nport, "/inproc/none", native),
+        "native-depnone": Variant(nport, "/dep/none", native),
+        "native-depasync": Variant(nport, "/dep/async", native),
         "tb-noop": Variant(tport, "/noop", tb),
         "native-sync": Variant(nport, "/inproc/sync", native),
         "tb-sync": Variant(tport, "/inproc/sync", tb),
@@ -112,9 +136,9 @@ def section_http(run: Run) -> None:
         run.closed(v.port, v.path, connections=connections, duration=0.5)
     groups = [
         ["ceiling-trivial"],
-        ["native-noop", "native-none", "tb-noop"],
+        ["native-noop", "native-none", "native-depnone", "tb-noop"],
         ["native-sync", "tb-sync"],
-        ["native-async", "tb-async"],
+        ["native-async", "native-depasync", "tb-async"],
     ]
     measured = run_rounds(run, "http", variants, groups, connections)
     run.stop(trivial)

@@ -289,6 +289,8 @@ class TaskBridge(HookRegistry):
         for backend in self._status_backends(handle.backend):
             found = await backend.status(handle.id)
             if found is not None:
+                if found.retry_of is None:
+                    found.retry_of = await _retry_of(backend, handle.id)
                 return found
         return TaskStatus(id=handle.id, task_name=handle.task_name, backend=handle.backend)
 
@@ -424,3 +426,18 @@ class TaskBridge(HookRegistry):
                 "call bridge.init_app(app)"
             )
         return bridge
+
+
+async def _retry_of(backend: Backend, task_id: str) -> str | None:
+    """The call `task_id` re-runs, from the backend's call index when the engine's own status
+    does not carry it (Celery, ARQ); None when unknown. A failed lookup is logged, never raised:
+    the status itself was read."""
+    lookup = getattr(backend.index, "retry_of", None)
+    if lookup is None:
+        return None
+    try:
+        found = await lookup(task_id)
+    except Exception as exc:  # whatever the index's client raises
+        logger.debug("could not read retry_of of %s from the call index: %s", task_id, exc)
+        return None
+    return found if isinstance(found, str) else None

@@ -158,6 +158,7 @@ async def test_a_failed_call_is_retried_with_its_arguments(
     assert again["task_name"] == h.task("boom").name
     settled = await _settled(client, again["id"])
     assert settled["state"] == "failed"
+    assert settled["retry_of"] == failed.id  # the link is kept in the call's own status too
     assert settled["error"]["message"] == "first try"  # the same arguments
     listed = (await client.get("/tasks", params={"task": h.task("boom").name})).json()
     assert {i["id"]: i["retry_of"] for i in listed["items"]}.get(again["id"]) == failed.id

@@ -281,23 +281,30 @@ class CeleryBackend(Backend):
     async def _publish(
         self, publisher: _Publisher, messages: list[TaskMessage], taken: list[str]
     ) -> list[str]:
-        """Publish `messages`, and write what the publish cannot carry to the result backend's
-        Redis at the same time (`StatusStore.beside`): their `queued` markers with RabbitMQ,
-        their index rows when the broker is not that Redis (else the publisher indexes them in
-        its own round trip)."""
+        """Publish `messages`; once the broker took them, start writing what the publish
+        cannot carry to the result backend's Redis (`StatusStore.beside`): their `queued`
+        markers with RabbitMQ, their index rows when the broker is not that Redis (else the
+        publisher indexes them in its own round trip)."""
+        store = self.store
+        if store is not None and not store.writes_beside:
+            store = None  # the publish carries all there is to write, or nothing is written
+        if store is not None:
+            await store.room()
         if taken and isinstance(publisher, AmqpPublisher):
             # Given up on (dispatch timeout) before it was written, the batch is withdrawn:
             # never sent, so its keys go back, as when the broker refuses it.
-            sending = publisher.publish(messages, on_withdrawn=lambda: self._release_later(taken))
+            skipped = await publisher.publish(
+                messages, on_withdrawn=lambda: self._release_later(taken)
+            )
         else:
-            sending = publisher.publish(messages)
-        store = self.store
-        if store is None or not (store.index_apart or store.marks_queued):
-            return await sending
-        # Markers and index rows the publish cannot carry: written to the results' Redis while
-        # the publish is in flight, so the request waits one round trip, not two; a failed
-        # write is only logged.
-        skipped, _ = await asyncio.gather(sending, store.beside(messages))
+            skipped = await publisher.publish(messages)
+        if store is not None:
+            # Not awaited by the request (a read here waits for it instead), and only for the
+            # calls the broker took: a refused publish leaves no marker or index row behind.
+            if skipped:
+                dropped = set(skipped)
+                messages = [m for m in messages if m.id not in dropped]
+            store.beside(messages)
         return skipped
 
     async def _take_keys(

@@ -7,8 +7,9 @@ Every write travels with the engine write it accompanies, never in a round trip 
   pipeline (after the LPUSH), or, for a group with idempotency keys, part of the dispatch script
   (`DISPATCH_INDEXED`: only the calls the script queued are added);
 - dispatch, results in another Redis (or a RabbitMQ broker): the ADD goes to the results' Redis
-  concurrently with the publish (with RabbitMQ, in the script that writes the `queued` markers
-  there), one per group of concurrent batches (`BesideWriter`); a failed write is logged, never
+  once the broker took the calls, without the request waiting for it (with RabbitMQ, in the
+  script that writes the `queued` markers there), one per group of concurrent batches
+  (`BesideWriter`); a read in the same process waits for it; a failed write is logged, never
   raised (the calls were sent);
 - the worker: its claim (running), each progress report (a change, no new state) and each result
   store (retrying, succeeded, failed, cancelled) run the index MOVE in the same script as the
@@ -28,17 +29,18 @@ their JSON is over `KEPT_LIMIT` bytes; `POST /tasks/{id}/retry` runs it again wi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from taskbridge.backends import (
     ADD_SCRIPT,
     MOVE_SCRIPT,
-    GroupCommit,
     add_args,
     compose_with_index,
     composed_args,
@@ -52,6 +54,7 @@ from ._keys import (
     KEPT_LIMIT,
     PROGRESS_SCRIPT,
     REVOKE_SCRIPT,
+    STATES,
     own_prefix,
     result_expires,
     to_ms,
@@ -60,6 +63,8 @@ from ._options import CeleryOptions, celery_config, markers_with_results, redis_
 from ._protocol import TaskMessage
 
 __all__ = [
+    "ADD_CHECKED",
+    "BESIDE_BOUND",
     "CLAIM_INDEXED",
     "DISPATCH_INDEXED",
     "INDEX_SETTING",
@@ -67,6 +72,7 @@ __all__ = [
     "MARK_INDEXED",
     "MARK_SCRIPT",
     "PROGRESS_INDEXED",
+    "RESULTS_SCRIPT",
     "REVOKE_INDEXED",
     "STORE_INDEXED",
     "BesideWriter",
@@ -246,53 +252,154 @@ return 1
 
 STORE_INDEXED = compose_with_index(STORE_SCRIPT, MOVE_SCRIPT, "index(rest)")
 
-# `queued` markers in the result backend's Redis (a RabbitMQ broker), written while the message
-# is published: each unless its call has a result already (a worker claimed it first; the
-# claim, which deletes the marker, must not be undone).
-# KEYS: per call, its result key and its marker. ARGV: per call, the marker and its life in ms.
+# What a dispatch writes beside its publish, once the broker took the calls (see `BesideWriter`),
+# runs after the worker may have claimed a call or stored its result, or after another API
+# process cancelled it: such a call gets no `queued` marker (the claim, which deletes it, must
+# not be undone), and its index row, if the worker's or the revoke's MOVE did not write one
+# (the revoke knows no task without the marker), is added in the state of its result, never as
+# queued. The scripts return the positions (from 1) of the calls that have a result.
+
+# `queued` markers in the result backend's Redis (a RabbitMQ broker), each unless its call has
+# a result already. KEYS: per call, its result key and its marker. ARGV: per call, the marker
+# and its life in ms.
 MARK_SCRIPT = """
+local found = {}
 for i = 1, #KEYS, 2 do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     redis.call('SET', KEYS[i + 1], ARGV[i], 'PX', ARGV[i + 1])
+  else
+    found[#found + 1] = (i + 1) / 2
   end
 end
-return 1
+return found
 """
 
-MARK_INDEXED = compose_with_index(MARK_SCRIPT, ADD_SCRIPT, "index(rest)")
+# No markers (only index rows): which calls have a result. KEYS: their result keys.
+RESULTS_SCRIPT = """
+local found = {}
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then found[#found + 1] = i end
+end
+return found
+"""
+
+
+def _add_in_result_state(stride: int) -> str:
+    """The Lua that ADDs the rows in `rest`, the state of each call with a result (`result`:
+    their positions; the n-th's result key is `KEYS[stride * n - stride + 1]`) taken from it."""
+    states = ", ".join(f"{celery} = '{state}'" for celery, state in STATES.items())
+    return f"""
+local STATES = {{{states}}}
+local function restate()
+  for _, n in ipairs(result) do
+    local ok, meta = pcall(cjson.decode, redis.call('GET', KEYS[{stride} * n - {stride - 1}]) or '')
+    local status = ok and type(meta) == 'table' and meta.status
+    if type(status) == 'string' and status ~= 'PENDING' then
+      rest[5 * n + 2] = STATES[status] or 'running'
+    end
+  end
+end
+local ok, err = pcall(restate)
+if not ok then redis.log(redis.LOG_WARNING, 'taskbridge index: ' .. tostring(err)) end
+index(rest)
+"""
+
+
+MARK_INDEXED = compose_with_index(MARK_SCRIPT, ADD_SCRIPT, _add_in_result_state(2))
+
+ADD_CHECKED = compose_with_index(RESULTS_SCRIPT, ADD_SCRIPT, _add_in_result_state(1))
 
 
 # -- the API side's writes --------------------------------------------------------------------
 
 
-Mark = tuple[str, str, bytes, int]
-"""A `queued` marker to write beside a publish: the call's result key, the marker's key, its
-value and its life in ms."""
+Mark = tuple[str, bytes, int]
+"""A `queued` marker to write beside a publish: its key, its value and its life in ms."""
+
+BESIDE_BOUND = 1000
+"""How many dispatches' beside writes a loop keeps unfinished before a dispatch waits for them:
+a results' Redis that is slow or down slows dispatch down, never grows memory without end."""
+
+
+@dataclass(slots=True)
+class _Write:
+    ids: list[str]
+    results: list[str]
+    """The calls' result keys."""
+    marks: list[Mark]
+    """One per call, or none."""
+    rows: list[Row]
+    """One per call, or none."""
+    done: asyncio.Future[None]
 
 
 class BesideWriter:
     """Writes what a dispatch leaves in the result backend's Redis when the publish cannot carry
     it (a RabbitMQ broker, or a broker in another Redis): the calls' `queued` markers (RabbitMQ)
-    and the call index's rows. The batches of concurrent requests go together, in one script
-    run, while their publish is in flight; a failure is logged, not raised (the calls were
-    sent, and status says unknown, or the list misses them, as without the write)."""
+    and the call index's rows.
 
-    def __init__(self, client: Any, spec: IndexSpec | None) -> None:
+    `add` queues a write once the broker took the calls: the request does not wait for it (and
+    a call the broker refused leaves nothing). The writes queued meanwhile go together, in one
+    script run, sent by a task of the writer's own. A read of a call whose write is unfinished
+    waits for it first (`settled`), so that this process never sees a call it dispatched as
+    unknown. A failure is logged, not raised (the calls were sent, and status says unknown, or
+    the list misses them, as without the write). Unfinished writes are bounded
+    (`BESIDE_BOUND`): a dispatch waits for `room` before it publishes.
+    """
+
+    def __init__(
+        self, client: Any, spec: IndexSpec | None, *, bound: int = BESIDE_BOUND, most: int = 500
+    ) -> None:
         self.spec = spec
+        self.pending: dict[str, asyncio.Future[None]] = {}
+        """The calls whose write is unfinished: id -> done when its write is (written or not)."""
         self._client = client
+        self._bound = bound
+        self._most = most
         self._scripts: dict[str, Any] = {}
-        self._group: GroupCommit[tuple[list[Mark], list[Row]], None] = GroupCommit(
-            self._send, size=lambda batch: max(len(batch[0]), len(batch[1])), name=_GROUP
-        )
+        self._queue: deque[_Write] = deque()
+        self._unfinished = 0
+        self._sender: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None
 
-    async def write(self, marks: list[Mark], rows: list[Row]) -> None:
-        """Write `marks` and index `rows`; a failure is logged, not raised."""
+    def add(self, ids: list[str], results: list[str], marks: list[Mark], rows: list[Row]) -> None:
+        """Queue the write of the calls `ids` (their result keys, `marks` and index `rows`), to
+        be sent by the writer's task with the writes queued meanwhile; `settled` waits for it.
+        Called on the event loop, after `room`."""
         if not marks and not rows:
             return
-        try:
-            await self._group.submit((marks, rows))
-        except Exception as exc:  # whatever it is: the calls were sent
-            index_lost(exc)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._queue.append(_Write(ids, results, marks, rows, done))
+        for task_id in ids:
+            self.pending[task_id] = done
+        self._unfinished += 1
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_queued(), name=_GROUP)
+
+    async def room(self) -> None:
+        """Return once fewer than `bound` writes are unfinished (at once, nearly always)."""
+        while self._unfinished >= self._bound:
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.wait((self._room,))  # not cancelled with the caller: shared
+
+    async def settled(self, ids: Iterable[str]) -> None:
+        """Wait for the unfinished writes of `ids` (none: at once)."""
+        pending = self.pending
+        waits = {pending[task_id] for task_id in ids if task_id in pending}
+        if waits:
+            await asyncio.wait(waits)  # not cancelled with the caller: shared by other readers
+
+    async def all_settled(self) -> None:
+        """Wait for every write unfinished now (before reading the index)."""
+        if self.pending:
+            await asyncio.wait(set(self.pending.values()))
+
+    async def wait_idle(self) -> None:
+        """Wait until every queued write is done (at close)."""
+        while self._sender is not None:
+            await asyncio.wait((self._sender,))
 
     def _script(self, text: str) -> Any:
         script = self._scripts.get(text)
@@ -300,23 +407,66 @@ class BesideWriter:
             script = self._scripts[text] = self._client.register_script(text)
         return script
 
-    async def _send(self, group: list[tuple[list[Mark], list[Row]]]) -> list[None]:
-        marks = [mark for batch in group for mark in batch[0]]
-        rows = [row for batch in group for row in batch[1]]
-        keys: list[str] = [key for result, marker, _, _ in marks for key in (result, marker)]
-        values: list[Any] = [item for _, _, value, life in marks for item in (value, life)]
-        if not rows or self.spec is None:
-            await self._script(MARK_SCRIPT)(keys=keys, args=values)
-        elif marks:
-            args = composed_args(values, self.spec.add(rows))
-            await self._script(MARK_INDEXED)(keys=keys, args=args)
-        else:
-            await self._script(ADD_SCRIPT)(args=self.spec.add(rows))
-        return [None] * len(group)
+    async def _send_queued(self) -> None:
+        try:
+            while self._queue:
+                group = self._take()
+                try:
+                    await self._send(group)
+                except Exception as exc:  # whatever it is: the calls were sent
+                    index_lost(exc)
+                finally:
+                    self._finish(group)
+        finally:
+            self._sender = None
+            if self._queue:  # cancelled (its loop is closing): never written
+                self._finish(list(self._queue))
+                self._queue.clear()
 
-    async def wait_idle(self) -> None:
-        """Let the last group finish (at close)."""
-        await self._group.wait_idle()
+    def _take(self) -> list[_Write]:
+        group: list[_Write] = []
+        total = 0
+        while self._queue:
+            size = len(self._queue[0].ids)
+            if group and total + size > self._most:
+                break  # keep each run short (a Redis script blocks the server while it runs)
+            group.append(self._queue.popleft())
+            total += size
+        return group
+
+    def _finish(self, group: list[_Write]) -> None:
+        pending = self.pending
+        for write in group:
+            for task_id in write.ids:
+                if pending.get(task_id) is write.done:
+                    del pending[task_id]
+            if not write.done.done():
+                write.done.set_result(None)
+        self._unfinished -= len(group)
+        room = self._room
+        if room is not None and not room.done() and self._unfinished < self._bound:
+            room.set_result(None)
+
+    async def _send(self, group: list[_Write]) -> None:
+        marks = [mark for write in group for mark in write.marks]
+        rows = [row for write in group for row in write.rows]
+        if marks:
+            keys = [
+                key
+                for write in group
+                for result, (marker, _, _) in zip(write.results, write.marks, strict=True)
+                for key in (result, marker)
+            ]
+            values: list[Any] = [item for _, value, life in marks for item in (value, life)]
+            if not rows or self.spec is None:
+                await self._script(MARK_SCRIPT)(keys=keys, args=values)
+            else:
+                assert len(rows) == len(marks)  # the n-th row is the n-th marker's call
+                args = composed_args(values, self.spec.add(rows))
+                await self._script(MARK_INDEXED)(keys=keys, args=args)
+        elif rows and self.spec is not None:
+            keys = [result for write in group for result in write.results]
+            await self._script(ADD_CHECKED)(keys=keys, args=composed_args([], self.spec.add(rows)))
 
 
 _GROUP = "taskbridge-celery:beside"

@@ -26,6 +26,9 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from taskbridge.backends import (
+    Counts,
+    Cursor,
+    IndexPage,
     KeptCall,
     RedisIndex,
     TaskErrorInfo,
@@ -37,6 +40,7 @@ from taskbridge.backends import (
 from ._index import (
     REVOKE_INDEXED,
     BesideWriter,
+    IndexSpec,
     Mark,
     index_spec,
     index_with_broker,
@@ -261,6 +265,32 @@ def revoked_meta(snapshot: Snapshot, reason: str) -> bytes:
     return json.dumps(meta, separators=(",", ":")).encode()
 
 
+class _SettledIndex(RedisIndex):
+    """The call index, read once the loop's unfinished beside writes are done: a call this
+    process dispatched is listed and counted as soon as its dispatch returned."""
+
+    def __init__(self, clients: _Clients, spec: IndexSpec) -> None:
+        super().__init__(
+            clients.results, spec.prefix, ttl=spec.ttl_ms / 1000, max_entries=spec.max_entries
+        )
+        self._clients = clients
+
+    async def _settled(self) -> None:
+        writer = self._clients.writer
+        if writer is not None and writer.pending:
+            await writer.all_settled()
+
+    async def page(
+        self, *, state: str | None, task: str | None, after: Cursor | None, limit: int
+    ) -> IndexPage:
+        await self._settled()
+        return await super().page(state=state, task=task, after=after, limit=limit)
+
+    async def counts(self) -> Counts:
+        await self._settled()
+        return await super().counts()
+
+
 @dataclass
 class _Clients:
     loop: asyncio.AbstractEventLoop
@@ -268,7 +298,7 @@ class _Clients:
     markers: redis.asyncio.Redis | None
     """The broker's Redis when markers live there and it is another server or database."""
     revoke: Any = field(default=None)
-    index: RedisIndex | None = None
+    index: _SettledIndex | None = None
     writer: BesideWriter | None = None
 
 
@@ -334,20 +364,31 @@ class StatusStore:
             return None
         clients = self._for_loop()
         if clients.index is None:
-            clients.index = RedisIndex(
-                clients.results, spec.prefix, ttl=spec.ttl_ms / 1000, max_entries=spec.max_entries
-            )
+            clients.index = _SettledIndex(clients, spec)
         return clients.index
 
-    async def beside(self, messages: Sequence[TaskMessage]) -> None:
-        """Write what the publish of `messages` cannot carry to the results' Redis: their
-        `queued` markers (RabbitMQ broker) and their index rows (a broker other than this Redis).
-        Run while they are published; a failure is logged, never raised."""
+    @property
+    def writes_beside(self) -> bool:
+        """Whether dispatch writes markers or index rows here (`room`, `beside`)."""
+        return self.marks_queued or self.index_apart
+
+    async def room(self) -> None:
+        """Before a publish: wait while too many beside writes are unfinished (`BesideWriter`),
+        so that a results' Redis that is slow or down slows dispatch down rather than growing
+        memory (a dispatch given up on meanwhile has sent nothing)."""
+        clients = self._clients
+        if clients is not None and clients.writer is not None:
+            if clients.loop is asyncio.get_running_loop():
+                await clients.writer.room()
+
+    def beside(self, messages: Sequence[TaskMessage]) -> None:
+        """Once the broker took `messages`, start writing what their publish cannot carry to the
+        results' Redis: their `queued` markers (RabbitMQ broker) and their index rows (a broker
+        other than this Redis). Not awaited: reads here wait for it. A failure is logged."""
         marks: list[Mark] = []
         if self.marks_queued:
             marks = [
                 (
-                    result_key(self._result_prefix, m.id),
                     queued_key(self._prefix, m.id),
                     with_call(marker_value(m.task, m.enqueued_at), m.body),
                     self._marker_ms + m.delay_ms,
@@ -358,11 +399,17 @@ class StatusStore:
         clients = self._for_loop()
         if clients.writer is None:
             clients.writer = BesideWriter(clients.results, self.index_spec)
-        await clients.writer.write(marks, rows)
+        ids = [m.id for m in messages]
+        results = [result_key(self._result_prefix, task_id) for task_id in ids]
+        clients.writer.add(ids, results, marks, rows)
 
     async def read(self, task_id: str) -> Snapshot:
-        """The call's result meta and marker, in one round trip when they share a Redis."""
+        """The call's result meta and marker, in one round trip when they share a Redis (once
+        the call's beside write, when this loop dispatched it, is done)."""
         clients = self._for_loop()
+        writer = clients.writer
+        if writer is not None and writer.pending:
+            await writer.settled((task_id,))
         meta_key = result_key(self._result_prefix, task_id)
         marker_keys = [queued_key(self._prefix, task_id), dedup_key(self._prefix, task_id)]
         if clients.markers is None:
@@ -383,6 +430,9 @@ class StatusStore:
         if not task_ids:
             return []
         clients = self._for_loop()
+        writer = clients.writer
+        if writer is not None and writer.pending:
+            await writer.settled(task_ids)
         meta_keys = [result_key(self._result_prefix, task_id) for task_id in task_ids]
         marker_keys = [
             key
