@@ -279,8 +279,10 @@ class TaskBridge(HookRegistry):
             key=lambda b: (b.alias != preferred, not b.runs_in_process),
         )
 
-    async def status(self, handle: TaskHandle) -> TaskStatus:
-        """What the backends know of the call behind `handle` ("unknown" when none does).
+    async def status(self, handle: TaskHandle, *, links: bool = True) -> TaskStatus:
+        """What the backends know of the call behind `handle` ("unknown" when none does);
+        with `links`, its `retry_of` too, from the call index when the engine's status lacks it
+        (one more read on Celery and ARQ; `handle.status()` does without).
 
         The handle's own backend is asked first, then the others: a call that fell back to
         in-process execution (on_unavailable="inprocess") is found there.
@@ -289,7 +291,7 @@ class TaskBridge(HookRegistry):
         for backend in self._status_backends(handle.backend):
             found = await backend.status(handle.id)
             if found is not None:
-                if found.retry_of is None:
+                if links and found.retry_of is None:
                     found.retry_of = await _retry_of(backend, handle.id)
                 return found
         return TaskStatus(id=handle.id, task_name=handle.task_name, backend=handle.backend)

@@ -17,8 +17,9 @@ __all__ = ["CallTracker", "TaskHandle", "keyed_task_id", "new_task_id"]
 class CallTracker(Protocol):
     """What a handle asks about its call (the bridge answers)."""
 
-    async def status(self, handle: TaskHandle) -> TaskStatus:
-        """What the backends know of the call behind `handle`."""
+    async def status(self, handle: TaskHandle, *, links: bool = True) -> TaskStatus:
+        """What the backends know of the call behind `handle` (`links`: with `retry_of`, which
+        may cost one more read)."""
         ...
 
     async def cancel(self, handle: TaskHandle) -> CancelResult:
@@ -94,7 +95,10 @@ class TaskHandle:
 
     async def info(self) -> TaskStatus:
         """Everything known about the call: state, attempts, progress, timestamps, result."""
-        status = await self._require_bridge().status(self)
+        return await self._info(links=True)
+
+    async def _info(self, *, links: bool) -> TaskStatus:
+        status = await self._require_bridge().status(self, links=links)
         if status.task_name and self.task_name is None:
             self.task_name = status.task_name
         if status.backend and self.backend is None:
@@ -103,7 +107,7 @@ class TaskHandle:
 
     async def status(self) -> TaskState:
         """queued, running, retrying, succeeded, failed, cancelled or unknown."""
-        return (await self.info()).state
+        return (await self._info(links=False)).state
 
     async def progress(self) -> tuple[float | None, str | None]:
         """The last progress the task reported: (fraction 0..1, message), or (None, None)."""

@@ -659,13 +659,14 @@ def _queued_and_running(client: redis.Redis, job_id: str) -> None:
 
 
 def _left(client: redis.Redis, job_id: str) -> dict[str, Any]:
-    """What Redis holds of a job, with TTLs rounded to the minute (-1: none; -2: no key)."""
+    """What Redis holds of a job, with TTLs rounded to the nearest minute (-1: none or no key;
+    a 60 s TTL read a millisecond later is still 1)."""
     keys = {
         prefix: prefix + job_id
         for prefix in (job_key_prefix, in_progress_key_prefix, retry_key_prefix, result_prefix)
     }
     left: dict[str, Any] = {
-        prefix: (client.get(key), -1 if (ttl := client.pttl(key)) < 0 else ttl // 60_000)
+        prefix: (client.get(key), -1 if (ttl := client.pttl(key)) < 0 else round(ttl / 60_000))
         for prefix, key in keys.items()
     }
     left["queue"] = client.zscore("q", job_id)
